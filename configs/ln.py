@@ -1,0 +1,50 @@
+r"""PixelLLM stage 2: captioning with a trace (Localized Narratives + COCO captions).
+
+The paper's main setting (Xu et al. 2024, Sec. 4; official release `t5/trace.py`): SAM ViT-H
+(frozen) + EVA02-L (trainable) at 384 px, the prompt feature extractor (release size: depth 6,
+width 512, 32 output tokens), Flan-T5-XL frozen with LoRA r=32 on q,v, a 4-layer location head
+with 2 points per token. 10k steps, batch 256, AdamW lr 5e-5, 250 warmup steps, cosine.
+Targets: LN-COCO trace captioning (point L1) and COCO captions (the paper's Table 3 setting).
+
+Command to run (model summary, no allocation):
+  python -m pixel_llm.tools.model_info --config=configs/ln.py
+Variants (`configs/ln.py:<arg>`):
+  (none)  the paper's setting: ~3.86 B parameters, ~370 M trainable; one H200 step at batch 256
+          takes seconds (see benchmarks/), the full 10k-step stage hours on a pod.
+  toy     tiny sizes on 128-px images: builds, initialises and trains on a 2-core CPU in seconds
+          per step; for tests and the offline demo.
+  t5=<small|base|large|xl|xxl>, sam=<vit_b|vit_l|vit_h>, eva02=<B|L>, extractor=<release|paper>
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, toy=False, t5="xl", sam="vit_h", eva02="L", extractor="release")
+  c = ml_collections.ConfigDict()
+  c.name = "ln" + (":toy" if a.toy else "")
+
+  if a.toy:
+    c.model = common.model_config(sam="tiny", eva02="tiny", t5="tiny", prompt_extractor="tiny",
+                                  image_size=64, lora_rank=4, prompt_dim=32, vocab_size=128)
+  else:
+    c.model = common.model_config(sam=a.sam, eva02=a.eva02, t5=a.t5,
+                                  prompt_extractor=a.extractor)
+  c.frozen_params = common.FROZEN_SAM_AND_T5
+
+  c.loss = dict(label_smoothing=0.1, caption_weight=1.0, point_weight=0.1)
+
+  # Shapes of one example: prompts per image, prompt-text length, decoder length.
+  c.input = dict(num_prompts=1, max_context_len=8, max_target_len=128 if not a.toy else 16)
+
+  c.seed = 0
+  c.total_steps = 10_000 if not a.toy else 200
+  c.batch_size = 256 if not a.toy else 8
+  c.learning_rate = 5e-5 if not a.toy else 1e-3
+  c.warmup_steps = 250 if not a.toy else 20
+  c.weight_decay = 0.0
+  c.checkpoint_every_steps = 1000 if not a.toy else 100
+  c.eval_every_steps = 2500 if not a.toy else 100
+  c.log_every_steps = 50 if not a.toy else 10
+  return c

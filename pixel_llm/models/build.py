@@ -1,0 +1,80 @@
+"""Builds the PixelLLM network and model adapter from a config (`configs/*.py`).
+
+Only this file turns ConfigDicts into modules; the modules themselves take plain fields.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from pixel_llm.model import LossConfig, PixelLLMModel
+from pixel_llm.models import eva02 as eva02_lib
+from pixel_llm.models import location_head as location_head_lib
+from pixel_llm.models import prompt_extractor as prompt_extractor_lib
+from pixel_llm.models import sam_image_encoder as sam_lib
+from pixel_llm.models import sam_prompt_encoder as prompt_encoder_lib
+from pixel_llm.models import t5 as t5_lib
+from pixel_llm.models.pixel_llm import PixelLLM, VisualProjection
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _fields(cfg: Any) -> dict[str, Any]:
+  d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
+  """PixelLLM network from `config.model` (see `configs/common.model_config`)."""
+  dtype = DTYPES[model.get("dtype", "float32")]
+  t5_config = t5_lib.T5Config(**_fields(model.t5), dtype=dtype)
+  sam = model.get("sam")
+  eva = model.get("eva02")
+  return PixelLLM(
+      sam_image_encoder=sam_lib.SamImageEncoder(**_fields(sam), dtype=dtype) if sam else None,
+      eva02=eva02_lib.Eva02(**_fields(eva), dtype=dtype) if eva else None,
+      prompt_encoder=prompt_encoder_lib.PromptEncoder(**_fields(model.prompt_encoder)),
+      prompt_extractor=prompt_extractor_lib.PromptFeatureExtractor(
+          **_fields(model.prompt_extractor), dtype=dtype),
+      visual_projection=VisualProjection(t5_config.d_model, dtype=dtype),
+      t5=t5_lib.T5(t5_config),
+      location_head=location_head_lib.LocationHead(**_fields(model.location_head)),
+      image_size=model.image_size,
+  )
+
+
+def build_model(config: ml_collections.ConfigDict) -> PixelLLMModel:
+  """The model adapter the binaries use."""
+  return PixelLLMModel(build_network(config.model), LossConfig(**_fields(config.loss)))
+
+
+def example_batch(config: ml_collections.ConfigDict, batch_size: int = 1,
+                  abstract: bool = True) -> dict[str, Any]:
+  """A batch of the config's shapes: ShapeDtypeStructs (abstract) or zeros/whole-image prompts."""
+  s = config.model.image_size
+  r = config.input.num_prompts
+  c = config.input.max_context_len
+  t = config.input.max_target_len
+  k = config.model.location_head.num_points
+  shapes = {
+      "image": ((batch_size, s, s, 3), jnp.float32),
+      "prompt_boxes": ((batch_size, r, 4), jnp.float32),
+      "prompt_text": ((batch_size, r, c), jnp.int32),
+      "decoder_input_tokens": ((batch_size, r, t), jnp.int32),
+      "decoder_target_tokens": ((batch_size, r, t), jnp.int32),
+      "point_targets": ((batch_size, r, t, k, 2), jnp.float32),
+      "point_weights": ((batch_size, r, t), jnp.float32),
+  }
+  if abstract:
+    return {n: jax.ShapeDtypeStruct(shape, dt) for n, (shape, dt) in shapes.items()}
+  batch = {n: jnp.zeros(shape, dt) for n, (shape, dt) in shapes.items()}
+  batch["prompt_boxes"] = batch["prompt_boxes"].at[..., 2:].set(1.0)
+  return batch
+
+
+def abstract_params(config: ml_collections.ConfigDict) -> Any:
+  """The boxed parameter tree (shapes + logical axes) via `jax.eval_shape`: nothing is allocated."""
+  model = build_model(config)
+  variables = jax.eval_shape(model.init_variables, jax.random.key(0), example_batch(config))
+  return variables["params"]

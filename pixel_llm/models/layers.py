@@ -1,0 +1,170 @@
+"""Small building blocks shared by every network in `pixel_llm.models`.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`), so one rules
+table (`pixel_llm.sharding.LOGICAL_RULES`) decides how it is laid out on a device mesh. The names:
+
+  embed    model width D of a tower (sharded over `fsdp`)
+  mlp      hidden width of an MLP (sharded over `tensor`)
+  heads    joined heads x head_dim of attention projections (sharded over `tensor`)
+  kv       per-head width (replicated)
+  vocab    vocabulary (sharded over `tensor`)
+  norm     scales and biases of norms (replicated)
+  lora     LoRA rank (replicated)
+  conv_h, conv_w, conv_in  spatial/input dims of conv kernels (replicated)
+  relpos   relative-position tables and buckets (replicated)
+  pos      position-embedding grids (replicated)
+  tokens   learned token tables such as output tokens or point-type embeddings (replicated)
+
+Activations use `batch`, `length`, `act_embed`, `act_mlp`, `act_heads` (see `constrain`).
+
+Shape legend used across the package: B batch, R prompts per image, T target text length,
+C context (prompt-text) length, P image patches, Q prompt (visual) tokens, K points per token,
+H/W grid height/width, D width, N heads.
+"""
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# PyTorch's nn.Linear / nn.Conv2d default init is kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), ...),
+# i.e. variance_scaling(1/3, fan_in, uniform). Used where we mirror torch modules initialised from scratch.
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def with_axes(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+  """Wraps an initializer so the created parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    name: str | None = None,
+) -> nn.Dense:
+  """`nn.Dense` whose kernel is named `axes` = (in, out) and bias is named (out,)."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=with_axes(kernel_init, axes),
+      bias_init=with_axes(nn.initializers.zeros_init(), axes[1:]),
+      name=name,
+  )
+
+
+def layer_norm(
+    epsilon: float = 1e-6,
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.LayerNorm:
+  """LayerNorm over the last axis with `norm`-named scale and bias (computed in float32)."""
+  return nn.LayerNorm(
+      epsilon=epsilon,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=with_axes(nn.initializers.ones_init(), ("norm",)),
+      bias_init=with_axes(nn.initializers.zeros_init(), ("norm",)),
+      name=name,
+  )
+
+
+def conv(
+    features: int,
+    kernel_size: tuple[int, int],
+    *,
+    strides: tuple[int, int] = (1, 1),
+    padding: Any = "VALID",
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    name: str | None = None,
+) -> nn.Conv:
+  """NHWC conv; kernel (kh, kw, in, out) named (conv_h, conv_w, conv_in, embed)."""
+  return nn.Conv(
+      features,
+      kernel_size,
+      strides=strides,
+      padding=padding,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=with_axes(kernel_init, ("conv_h", "conv_w", "conv_in", "embed")),
+      bias_init=with_axes(nn.initializers.zeros_init(), ("embed",)),
+      name=name,
+  )
+
+
+class LayerNorm2d(nn.Module):
+  """SAM's channel LayerNorm on NHWC maps (normalises the channel axis; eps 1e-6)."""
+
+  epsilon: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = self.param("weight", with_axes(nn.initializers.ones_init(), ("norm",)),
+                        (x.shape[-1],), self.param_dtype)
+    bias = self.param("bias", with_axes(nn.initializers.zeros_init(), ("norm",)),
+                      (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = ((xf - mean) ** 2).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * weight + bias).astype(x.dtype)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Activation sharding constraint by logical names; a no-op outside a mesh/rules context."""
+  return nn.with_logical_constraint(x, axes)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None,
+              mask: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+  """Softmax attention in float32 logits.
+
+  q: [..., Tq, N, Dh], k/v: [..., Tk, N, Dh]; bias broadcastable to [..., N, Tq, Tk];
+  mask: bool broadcastable to [..., N, Tq, Tk] (True = attend). Returns [..., Tq, N, Dh].
+  `scale` defaults to Dh**-0.5 (T5 passes 1.0: its scaling lives in the query init).
+  """
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("...qnd,...knd->...nqk", q, k).astype(jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("...nqk,...knd->...qnd", weights, v)
+
+
+def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example with probability `rate`."""
+  if deterministic or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(rng, keep, shape)
+  return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a (possibly boxed, possibly abstract) parameter tree."""
+  leaves = jax.tree.leaves(nn.meta.unbox(tree))
+  return int(sum(math.prod(x.shape) for x in leaves))

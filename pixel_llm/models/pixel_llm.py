@@ -1,0 +1,176 @@
+"""PixelLLM: a vision-language model that points at the pixel of every word it writes.
+
+Data flow (paper Fig. 2; official release `PixelLlmFlaxModel`):
+
+  image ──► SAM image encoder ─┐ (resized to the EVA02 grid)
+        └─► EVA02 ─────────────┴─ concat on channels ─► image features [B, h, w, C]
+  location prompt (box / points; default the whole image) ─► SAM prompt encoder ─► sparse, dense
+  image features + prompt embeddings ─► prompt feature extractor ─► visual tokens [B, R, Q, Dv]
+  visual tokens ─► visual projection ─► [Q, D] ; prompt text ─► T5 embedding ─► [C, D]
+  T5 encoder([visual ; prompt text]) ─► T5 decoder (teacher-forced) ─► logits, hidden [T, D]
+  hidden ─► location head ─► K points per token (normalised image coordinates)
+
+Shapes: B images, R prompts per image, Q visual tokens per prompt, C prompt-text length,
+T decoder length, V vocabulary, D T5 width, K points per token, h/w feature grid.
+
+The image towers run once per image; everything after them runs once per prompt, so several prompts
+on one image share one image encoding. Point targets are aligned with decoder *input* positions:
+the location at position t belongs to `decoder_input_tokens[t]` (the release's convention, which
+lets the box of a referring expression be read where the expression's last word is the input,
+i.e. where EOS is predicted).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pixel_llm.models import layers
+
+# Per-tower input normalisation for images in [0, 1].
+SAM_MEAN, SAM_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+EVA_MEAN, EVA_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP
+
+
+class VisualProjection(nn.Module):
+  """Linear + LayerNorm from the prompt-token width to the language model width (release: 1e-5)."""
+
+  features: int
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = layers.dense(self.features, (None, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=nn.initializers.normal(0.02), name="dense")(x)
+    return layers.layer_norm(self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="norm")(x)
+
+
+def _normalise(image: jax.Array, mean, std, image_mask: jax.Array | None) -> jax.Array:
+  x = (image - jnp.asarray(mean, image.dtype)) / jnp.asarray(std, image.dtype)
+  if image_mask is not None:  # padded pixels are zero after normalisation, as in the release
+    x = x * image_mask[..., None].astype(x.dtype)
+  return x
+
+
+class PixelLLM(nn.Module):
+  """The PixelLLM network. Sub-networks are passed in already configured (see `models/build.py`)."""
+
+  sam_image_encoder: nn.Module | None
+  eva02: nn.Module | None
+  prompt_encoder: nn.Module
+  prompt_extractor: nn.Module
+  visual_projection: nn.Module
+  t5: nn.Module
+  location_head: nn.Module
+  image_size: int = 384
+
+  def encode_image(self, image: jax.Array, image_mask: jax.Array | None = None, *,
+                   train: bool = False) -> jax.Array:
+    """image: float32[B, S, S, 3] in [0, 1] (padded square) -> features float32[B, h, w, C]."""
+    if image.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(f"Expected images of {self.image_size}x{self.image_size}, got {image.shape}.")
+    maps = []
+    if self.eva02 is not None:
+      eva, _ = self.eva02(_normalise(image, EVA_MEAN, EVA_STD, image_mask), train=train)
+      maps.append(eva)
+    if self.sam_image_encoder is not None:
+      sam, _ = self.sam_image_encoder(_normalise(image, SAM_MEAN, SAM_STD, image_mask), train=train)
+      maps.insert(0, sam)
+    if not maps:
+      raise ValueError("PixelLLM needs at least one image encoder.")
+    # The fused map lives on the largest grid (EVA02's 27x27 at 384 px); SAM's 24x24 is resized.
+    h = max(m.shape[1] for m in maps)
+    w = max(m.shape[2] for m in maps)
+    maps = [m if m.shape[1:3] == (h, w) else
+            jax.image.resize(m, (m.shape[0], h, w, m.shape[3]), "cubic").astype(m.dtype)
+            for m in maps]
+    feats = jnp.concatenate([m.astype(maps[-1].dtype) for m in maps], axis=-1)
+    return layers.constrain(feats, ("batch", None, None, "act_embed"))
+
+  def encode_prompts(self, features: jax.Array, *, boxes: jax.Array | None = None,
+                     points: jax.Array | None = None, point_labels: jax.Array | None = None,
+                     num_prompts: int | None = None, train: bool = False) -> jax.Array:
+    """Visual tokens for every location prompt.
+
+    Args:
+      features: float[B, h, w, C] from `encode_image`.
+      boxes: float[B, R, 4] xyxy in [0, 1] of the padded square; None = the whole image.
+      points: float[B, R, N, 2] xy in [0, 1]; point_labels: int32[B, R, N] (1 pos, 0 neg, -1 pad).
+      num_prompts: R when neither boxes nor points are given (default 1).
+    Returns:
+      float[B, R, Q, D] visual tokens in the language model's width.
+    """
+    b, h, w, c = features.shape
+    if boxes is None and points is None:
+      r = num_prompts or 1
+      boxes = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32), (b, r, 4))
+    r = (boxes if boxes is not None else points).shape[1]
+    scale = float(self.image_size)
+    kwargs = {}
+    if boxes is not None:
+      kwargs["boxes"] = boxes.reshape(b * r, 4) * scale
+    if points is not None:
+      kwargs["points"] = points.reshape(b * r, points.shape[2], 2) * scale
+      kwargs["point_labels"] = point_labels.reshape(b * r, points.shape[2])
+    size = (self.image_size, self.image_size)
+    sparse, dense = self.prompt_encoder(image_grid=(h, w), input_size=size, **kwargs)
+    image_pe = self.prompt_encoder.get_dense_pe((h, w))
+    per_prompt = jnp.repeat(features, r, axis=0)  # [B*R, h, w, C]; image towers ran once per image
+    tokens, _ = self.prompt_extractor(per_prompt, image_pe, sparse, dense, train=train)
+    tokens = self.visual_projection(tokens)
+    return tokens.reshape(b, r, *tokens.shape[1:])
+
+  def encode_prefix(self, visual_tokens: jax.Array, prompt_text: jax.Array | None, *,
+                    train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """T5 encoder over [visual tokens ; prompt text] (PrefixLM).
+
+    Args:
+      visual_tokens: float[B, R, Q, D]; prompt_text: int32[B, R, C] (0 = padding) or None.
+    Returns:
+      (encoded float[B*R, Q+C, D], mask bool[B*R, Q+C])
+    """
+    b, r, q, d = visual_tokens.shape
+    embeds = visual_tokens.reshape(b * r, q, d)
+    mask = jnp.ones((b * r, q), bool)
+    if prompt_text is not None and prompt_text.shape[-1] > 0:
+      text = prompt_text.reshape(b * r, -1)
+      embeds = jnp.concatenate([embeds, self.t5.embed(text).astype(embeds.dtype)], axis=1)
+      mask = jnp.concatenate([mask, text > 0], axis=1)
+    return self.t5.encode(embeds, mask, train=train), mask
+
+  def decode(self, encoded: jax.Array, encoder_mask: jax.Array, decoder_input_tokens: jax.Array,
+             *, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Teacher-forced decoding. decoder_input_tokens: int32[N, T] ->
+    (logits float32[N, T, V], hidden float[N, T, D], points float32[N, T, K, 2])."""
+    logits, hidden = self.t5.decode(encoded, encoder_mask, decoder_input_tokens, train=train)
+    points, _ = self.location_head(hidden)
+    return logits, hidden, points
+
+  def __call__(self, image: jax.Array, decoder_input_tokens: jax.Array, *,
+               prompt_boxes: jax.Array | None = None, prompt_points: jax.Array | None = None,
+               prompt_point_labels: jax.Array | None = None, prompt_text: jax.Array | None = None,
+               image_mask: jax.Array | None = None, train: bool = False) -> tuple[dict, dict]:
+    """Full teacher-forced forward pass.
+
+    Args:
+      image: float32[B, S, S, 3] in [0, 1]; image_mask: optional bool[B, S, S] (False = padding).
+      decoder_input_tokens: int32[B, R, T] (BOS = 0 first, shifted-right targets).
+      prompt_boxes / prompt_points / prompt_point_labels / prompt_text: see `encode_prompts` and
+        `encode_prefix`; R is taken from `decoder_input_tokens`.
+    Returns:
+      ({"logits": [B, R, T, V], "points": [B, R, T, K, 2]},
+       aux {"hidden": [B, R, T, D], "visual_tokens": [B, R, Q, D], "image_features": [B, h, w, C]})
+    """
+    b, r, t = decoder_input_tokens.shape
+    feats = self.encode_image(image, image_mask, train=train)
+    visual = self.encode_prompts(feats, boxes=prompt_boxes, points=prompt_points,
+                                 point_labels=prompt_point_labels, num_prompts=r, train=train)
+    encoded, mask = self.encode_prefix(visual, prompt_text, train=train)
+    logits, hidden, points = self.decode(encoded, mask, decoder_input_tokens.reshape(b * r, t),
+                                         train=train)
+    out = {"logits": logits.reshape(b, r, t, -1), "points": points.reshape(b, r, t, *points.shape[2:])}
+    aux = {"hidden": hidden.reshape(b, r, t, -1), "visual_tokens": visual, "image_features": feats}
+    return out, aux

@@ -1,0 +1,340 @@
+"""T5 v1.1 / Flan-T5 encoder-decoder (gated-GELU, untied head) with optional LoRA.
+
+Mirrors HF `T5ForConditionalGeneration` with `feed_forward_proj="gated-gelu"` and an untied,
+unscaled `lm_head`. Parameter paths follow HF's module names so a checkpoint converter is a
+rename plus a kernel transpose:
+
+  shared/embedding                                   (vocab, D)
+  {encoder,decoder}/relative_attention_bias/embedding (buckets, N)  (HF: in block.0's SelfAttention)
+  encoder/block_{i}/layer_0/{SelfAttention/{q,k,v,o}, layer_norm}
+  encoder/block_{i}/layer_1/{DenseReluDense/{wi_0,wi_1,wo}, layer_norm}
+  decoder/block_{i}/layer_0/SelfAttention, layer_1/EncDecAttention, layer_2/DenseReluDense
+  {encoder,decoder}/final_layer_norm, lm_head          (D, vocab)
+  LoRA adds `lora_a` (Din, r) and `lora_b` (r, Dout) next to a targeted projection's `kernel`.
+
+Shapes: B batch, L encoder length, T decoder length, D d_model, N heads, Dh d_kv, F d_ff, V vocab.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pixel_llm.models.layers import with_axes
+from pixel_llm.models.lora import LoraDense
+
+Dtype = Any
+
+LORA_TARGETS = tuple(f"{s}.{p}" for s in ("encoder.self", "decoder.self", "decoder.cross")
+                     for p in "qkvo")
+DEFAULT_LORA_TARGETS = ("encoder.self.q", "encoder.self.v", "decoder.self.q", "decoder.self.v",
+                        "decoder.cross.q", "decoder.cross.v")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Sizes and options; `T5Config.preset("xl", lora_rank=32)` gives a Flan-T5 variant."""
+
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  num_heads: int = 6
+  d_ff: int = 1024
+  num_layers: int = 8
+  num_decoder_layers: int = 8
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  lora_rank: int = 0  # 0 = no LoRA; PixelLLM uses 32.
+  lora_scale: float = 2.0
+  lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+
+  def __post_init__(self):
+    unknown = set(self.lora_targets) - set(LORA_TARGETS)
+    if unknown:
+      raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")
+
+  @classmethod
+  def preset(cls, variant: str, **overrides) -> "T5Config":
+    return dataclasses.replace(PRESETS[variant], **overrides)
+
+  def lora_projections(self, stack: str, kind: str) -> tuple[str, ...]:
+    """Projections ('q', 'k', 'v', 'o') of `{stack}.{kind}` attention that carry LoRA."""
+    if self.lora_rank <= 0:
+      return ()
+    return tuple(t.rsplit(".", 1)[1] for t in self.lora_targets if t.startswith(f"{stack}.{kind}."))
+
+
+PRESETS = {
+    "small": T5Config(d_model=512, d_kv=64, num_heads=6, d_ff=1024, num_layers=8,
+                      num_decoder_layers=8),
+    "base": T5Config(d_model=768, d_kv=64, num_heads=12, d_ff=2048, num_layers=12,
+                     num_decoder_layers=12),
+    "large": T5Config(d_model=1024, d_kv=64, num_heads=16, d_ff=2816, num_layers=24,
+                      num_decoder_layers=24),
+    "xl": T5Config(d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24,
+                   num_decoder_layers=24),
+    "xxl": T5Config(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
+                    num_decoder_layers=24),
+}
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
+                             num_buckets: int = 32, max_distance: int = 128) -> jax.Array:
+  """HF/Mesh-TF `T5Attention._relative_position_bucket`; relative_position = key - query."""
+  buckets = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative_position > 0).astype(relative_position.dtype) * num_buckets
+    n = jnp.abs(relative_position)
+  else:
+    n = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  # Clamp at 1 so log(0) never reaches the int cast (those positions take the exact branch).
+  ratio = jnp.maximum(n, 1).astype(jnp.float32) / max_exact
+  large = max_exact + (jnp.log(ratio) / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(relative_position.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return buckets + jnp.where(n < max_exact, n, large)
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head bias over bucketed (key - query) offsets -> float32[1, N, Tq, Tk]."""
+
+  num_heads: int
+  bidirectional: bool
+  num_buckets: int = 32
+  max_distance: int = 128
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_len: int, k_len: int, q_offset: int | jax.Array = 0) -> jax.Array:
+    # q_offset lets a cached decoder step ask for the bias of its absolute query position.
+    table = self.param("embedding", with_axes(
+        nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"), ("relpos", None)),
+                       (self.num_buckets, self.num_heads), self.param_dtype)
+    rel = jnp.arange(k_len)[None, :] - (jnp.arange(q_len) + q_offset)[:, None]
+    buckets = relative_position_bucket(rel, bidirectional=self.bidirectional,
+                                       num_buckets=self.num_buckets, max_distance=self.max_distance)
+    return jnp.take(table, buckets, axis=0).astype(jnp.float32).transpose(2, 0, 1)[None]
+
+
+def _dropout(x: jax.Array, rate: float, train: bool) -> jax.Array:
+  """nn.Dropout bound to the calling module; skipped (no submodule) when inactive."""
+  # Tracing the 48 layers of xl/xxl builds ~1k modules; not creating idle dropouts keeps init fast.
+  return nn.Dropout(rate)(x, deterministic=False) if train and rate > 0 else x
+
+
+class RMSNorm(nn.Module):
+  """T5LayerNorm: scale-only, no mean subtraction, variance in float32."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", with_axes(nn.initializers.ones_init(), ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """T5 multi-head attention: no biases, no 1/sqrt(Dh) logit scale (it lives in the q init).
+
+  x: [B, Tq, D], kv: [B, Tk, D], bias: float32[1|B, N, Tq, Tk], mask: bool[B|1, 1|N, Tq, Tk].
+  Returns [B, Tq, D]. k/v are projected separately from q so a KV cache can slot in after them.
+  """
+
+  config: T5Config
+  lora_projections: tuple[str, ...] = ()
+
+  def _proj(self, name: str, features: int, axes, init) -> LoraDense:
+    cfg = self.config
+    rank = cfg.lora_rank if name in self.lora_projections else 0
+    return LoraDense(features, axes, rank=rank, scale=cfg.lora_scale, kernel_init=init,
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, kv: jax.Array, *, bias: jax.Array | None,
+               mask: jax.Array | None, train: bool = False) -> jax.Array:
+    cfg = self.config
+    inner = cfg.num_heads * cfg.d_kv
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+
+    def q_init(*args):  # T5's 1/sqrt(Dh) attention scale, folded into the query kernel.
+      return init(*args) / math.sqrt(cfg.d_kv)
+
+    def heads(t):  # [B, T, N * Dh] -> [B, N, T, Dh]
+      return t.reshape(t.shape[:-1] + (cfg.num_heads, cfg.d_kv)).swapaxes(-2, -3)
+
+    q = heads(self._proj("q", inner, ("embed", "heads"), q_init)(x))
+    k = heads(self._proj("k", inner, ("embed", "heads"), init)(kv))
+    v = heads(self._proj("v", inner, ("embed", "heads"), init)(kv))
+    logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)
+    if bias is not None:
+      logits = logits + bias
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    # HF and t5x both drop attention probabilities, so layers.attention (no dropout) is not used.
+    weights = _dropout(jax.nn.softmax(logits, axis=-1), cfg.dropout_rate, train).astype(v.dtype)
+    out = (weights @ v).swapaxes(-2, -3).reshape(x.shape[:-1] + (inner,))
+    return self._proj("o", cfg.d_model, ("heads", "embed"), init)(out)
+
+
+class GatedMlp(nn.Module):
+  """T5DenseGatedActDense: wo(dropout(gelu_tanh(x @ wi_0) * (x @ wi_1))). x: [..., D]."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    cfg = self.config
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    dense = lambda f, axes, name: LoraDense(  # pylint: disable=unnecessary-lambda-assignment
+        f, axes, kernel_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    h = jax.nn.gelu(dense(cfg.d_ff, ("embed", "mlp"), "wi_0")(x), approximate=True)
+    h = h * dense(cfg.d_ff, ("embed", "mlp"), "wi_1")(x)
+    h = _dropout(h, cfg.dropout_rate, train)
+    return dense(cfg.d_model, ("mlp", "embed"), "wo")(h)
+
+
+class SubLayer(nn.Module):
+  """Pre-norm residual sub-layer (HF T5LayerSelfAttention / T5LayerCrossAttention / T5LayerFF)."""
+
+  config: T5Config
+  kind: str  # "self", "cross" or "ff"
+  lora_projections: tuple[str, ...] = ()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, kv: jax.Array | None = None, bias: jax.Array | None = None,
+               mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+    cfg = self.config
+    h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="layer_norm")(x)
+    if self.kind == "ff":
+      h = GatedMlp(cfg, name="DenseReluDense")(h, train=train)
+    else:
+      name = "SelfAttention" if self.kind == "self" else "EncDecAttention"
+      h = Attention(cfg, self.lora_projections, name=name)(
+          h, h if kv is None else kv, bias=bias, mask=mask, train=train)
+    return x + _dropout(h, cfg.dropout_rate, train)
+
+
+class Block(nn.Module):
+  """One encoder (self, ff) or decoder (self, cross, ff) block. x: [B, T, D] -> [B, T, D]."""
+
+  config: T5Config
+  is_decoder: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, bias: jax.Array, mask: jax.Array,
+               encoded: jax.Array | None = None, encoder_mask: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    cfg = self.config
+    stack = "decoder" if self.is_decoder else "encoder"
+    x = SubLayer(cfg, "self", cfg.lora_projections(stack, "self"), name="layer_0")(
+        x, bias=bias, mask=mask, train=train)
+    if self.is_decoder:
+      x = SubLayer(cfg, "cross", cfg.lora_projections(stack, "cross"), name="layer_1")(
+          x, kv=encoded, mask=encoder_mask, train=train)
+    return SubLayer(cfg, "ff", name=f"layer_{2 if self.is_decoder else 1}")(x, train=train)
+
+
+class Stack(nn.Module):
+  """Encoder or decoder stack over already-embedded inputs; returns the final-norm output.
+
+  x: [B, T, D], mask: bool[B, T] (valid positions); for the decoder also encoded: [B, L, D] and
+  encoder_mask: bool[B, L]. The relative-position bias is computed once and shared by all blocks.
+  """
+
+  config: T5Config
+  is_decoder: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, *, encoded: jax.Array | None = None,
+               encoder_mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+    cfg = self.config
+    t = x.shape[1]
+    bias = RelativePositionBias(cfg.num_heads, not self.is_decoder,
+                                cfg.relative_attention_num_buckets,
+                                cfg.relative_attention_max_distance, cfg.param_dtype,
+                                name="relative_attention_bias")(t, t)
+    self_mask = mask[:, None, None, :]
+    if self.is_decoder:
+      self_mask = self_mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
+      encoder_mask = encoder_mask[:, None, None, :]
+    x = _dropout(x, cfg.dropout_rate, train)
+    layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
+    for i in range(layers):  # A scan over identical blocks can replace this loop later.
+      x = Block(cfg, self.is_decoder, name=f"block_{i}")(
+          x, bias=bias, mask=self_mask, encoded=encoded, encoder_mask=encoder_mask, train=train)
+    return RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_layer_norm")(x)
+
+
+class T5(nn.Module):
+  """T5 v1.1 encoder-decoder; `embed`/`encode`/`decode` are usable via `apply(method=...)`."""
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                           param_dtype=cfg.param_dtype, name="shared",
+                           embedding_init=with_axes(nn.initializers.normal(1.0),
+                                                    ("vocab", "embed")))
+    self.encoder = Stack(cfg, is_decoder=False, name="encoder")
+    self.decoder = Stack(cfg, is_decoder=True, name="decoder")
+    # float32 logits as in t5x; v1.1 has no d_model**-0.5 rescale because the head is untied.
+    self.lm_head = LoraDense(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32,
+                             kernel_init=nn.initializers.variance_scaling(
+                                 1.0, "fan_in", "truncated_normal"),
+                             param_dtype=cfg.param_dtype, name="lm_head")
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """tokens: int32[B, L] -> float[B, L, D] (shared embedding)."""
+    return self.shared(tokens)
+
+  def encode(self, inputs_embeds: jax.Array, input_mask: jax.Array, *,
+             train: bool = False) -> jax.Array:
+    """inputs_embeds: float[B, L, D], input_mask: bool[B, L] -> encoded float[B, L, D]."""
+    return self.encoder(inputs_embeds, input_mask, train=train)
+
+  def decode(self, encoded: jax.Array, encoder_mask: jax.Array, decoder_input_tokens: jax.Array,
+             *, decoder_mask: jax.Array | None = None,
+             train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced decoder.
+
+    encoded: float[B, L, D], encoder_mask: bool[B, L], decoder_input_tokens: int32[B, T],
+    decoder_mask: bool[B, T] (valid decoder keys; default all). Returns (logits float32[B, T, V],
+    hidden float[B, T, D]) where hidden is the final-norm output before dropout.
+    """
+    if decoder_mask is None:
+      decoder_mask = jnp.ones(decoder_input_tokens.shape, bool)
+    hidden = self.decoder(self.embed(decoder_input_tokens), decoder_mask, encoded=encoded,
+                          encoder_mask=encoder_mask, train=train)
+    logits = self.lm_head(self.dropout(hidden, deterministic=not train))
+    return logits, hidden
+
+  def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array, *,
+               train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Plain seq2seq: tokens int32[B, L], int32[B, T] (pad id 0 masks encoder positions).
+
+    Returns (logits float32[B, T, V], {"encoded": [B, L, D], "hidden": [B, T, D]}).
+    """
+    mask = encoder_input_tokens != 0
+    encoded = self.encode(self.embed(encoder_input_tokens), mask, train=train)
+    logits, hidden = self.decode(encoded, mask, decoder_input_tokens, train=train)
+    return logits, {"encoded": encoded, "hidden": hidden}
+
+
+def Model(variant: str = "xl", **overrides) -> T5:  # pylint: disable=invalid-name
+  """T5 network for a preset name, e.g. `Model("xl", lora_rank=32)`."""
+  return T5(T5Config.preset(variant, **overrides))

@@ -1,0 +1,95 @@
+"""Tests for pixel_llm.models.prompt_extractor (PixelLLM prompt feature extractor).
+
+Parameters come from numpy on the `eval_shape`d init (no RNG compiles); applies are jitted.
+"""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pixel_llm.models.layers import count_params
+from pixel_llm.models.prompt_extractor import PRESETS, PromptFeatureExtractor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  """Tiny programs: XLA's optimisation passes cost more CPU than they save (about 30% here)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+ShapeDtype = jax.ShapeDtypeStruct
+
+
+def _abstract(model, b=1, h=27, w=27, c=1280, s=2):
+  e = model.prompt_dim
+  args = (ShapeDtype((b, h, w, c), jnp.float32), ShapeDtype((h, w, e), jnp.float32),
+          ShapeDtype((b, s, e), jnp.float32), ShapeDtype((b, h, w, e), jnp.float32))
+  return jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)
+
+
+def test_param_count_release_preset():
+  # Release size (D 512, depth 6, 8 heads, MLP 2048, C 1280, E 256, F 1024, Q 32):
+  #   two-way transformer: per block self_attn 4*(512*512+512) = 1,050,624; two cross attns
+  #     (internal 256) 2*(3*(512*256+256) + 256*512+512) = 1,051,136; mlp 512*2048+2048 +
+  #     2048*512+512 = 2,099,712; 4 norms 4,096 -> 4,205,568 per block, x6 = 25,233,408;
+  #     + final attn 525,568 + final norm 1,024 = 25,760,000 (the anchor's ~25.8 M).
+  #   32 heads: 32*(512*1024+1024) = 16,809,984 (the anchor's ~16.8 M).
+  #   image_projection_mlp 1280*512+512 = 655,872; prompt_embedding_projection_mlp (shared by
+  #     sparse and dense prompts, as in the release) and image_pe_projection_mlp 2*(256*512+512)
+  #     = 263,168; output_tokens 32*512 = 16,384.
+  #   Total 43,505,408. The release also holds the unused dense_output_mlp 512*1024+1024 =
+  #   525,312 (dropped here), giving its 44,030,720 (the anchor's ~44.0 M).
+  model = PromptFeatureExtractor(**PRESETS["release"], output_dim=1024)
+  params = _abstract(model)["params"]
+  assert count_params(params) == 43_505_408
+  assert count_params(params["transformer"]) == 25_760_000
+  assert count_params(params["output_hypernetworks_mlps"]) == 16_809_984
+  assert params["output_hypernetworks_mlps"]["kernel"].value.shape == (32, 512, 1024)
+  assert params["output_hypernetworks_mlps"]["kernel"].names == ("tokens", "embed", "mlp")
+  assert count_params(params) + 525_312 == 44_030_720
+  # Paper preset: depth 2 -> 4 blocks fewer = 43,505,408 - 4*4,205,568.
+  paper = _abstract(PromptFeatureExtractor(**PRESETS["paper"]))["params"]
+  assert count_params(paper) == 43_505_408 - 4 * 4_205_568
+
+
+def test_same_width_skips_prompt_projections():
+  model = PromptFeatureExtractor(depth=1, width=16, num_heads=2, mlp_dim=32, num_output_tokens=3,
+                                 output_dim=8, prompt_dim=16)
+  params = _abstract(model, h=2, w=2, c=5)["params"]
+  assert set(params) == {"image_projection_mlp", "output_tokens", "transformer",
+                         "output_hypernetworks_mlps"}
+
+
+def test_shapes_gradients_and_per_token_heads():
+  b, h, w, c, s, e, q, f = 2, 3, 3, 12, 5, 8, 3, 10
+  model = PromptFeatureExtractor(depth=1, width=16, num_heads=2, mlp_dim=32, num_output_tokens=q,
+                                 output_dim=f, prompt_dim=e)
+  abstract = _abstract(model, b, h, w, c, s)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape), jnp.float32),
+                        flax.linen.meta.unbox(abstract["params"]))
+  norm = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  feats, pe, sparse, dense = norm(b, h, w, c), norm(h, w, e), norm(b, s, e), norm(b, h, w, e)
+
+  def loss(params, feats, sparse, dense):
+    tokens, aux = model.apply({"params": params}, feats, pe, sparse, dense, train=True)
+    return jnp.sum(jnp.sin(tokens)), (tokens, aux)
+
+  (_, (tokens, aux)), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))(
+      params, feats, sparse, dense)
+  assert tokens.shape == (b, q, f) and tokens.dtype == jnp.float32
+  assert aux["output_tokens"].shape == (b, q, 16) and aux["image_tokens"].shape == (b, h, w, 16)
+  for name, g in flax.traverse_util.flatten_dict(grads[0], sep="/").items():
+    assert np.all(np.isfinite(g)) and np.any(g != 0), name
+  for g in grads[1:]:
+    assert np.all(np.isfinite(g)) and np.any(g != 0)
+  # Token i goes through head i only.
+  heads = params["output_hypernetworks_mlps"]
+  for i in range(q):
+    want = np.asarray(aux["output_tokens"][:, i]) @ np.asarray(heads["kernel"][i])
+    want = want + np.asarray(heads["bias"][i])
+    np.testing.assert_allclose(tokens[:, i], want, rtol=1e-5, atol=1e-5)
