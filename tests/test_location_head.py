@@ -3,20 +3,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from scipy.special import erf
 
 from pixel_llm.models.layers import count_params
 from pixel_llm.models.location_head import LocationHead
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny programs: XLA's optimisation passes cost more CPU than they save (about 30% here)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _abstract(model, d):

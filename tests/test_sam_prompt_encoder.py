@@ -17,15 +17,6 @@ from pixel_llm.models.layers import count_params
 from pixel_llm.models.sam_prompt_encoder import PromptEncoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny programs: XLA's optimisation passes cost more CPU than they save (about 30% here)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 D, MASK_CH, GRID, SIZE = 16, 8, (4, 4), (64, 64)
 
 

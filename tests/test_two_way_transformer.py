@@ -14,15 +14,6 @@ from pixel_llm.models.layers import count_params
 from pixel_llm.models.two_way_transformer import TwoWayTransformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny programs: XLA's optimisation passes cost more CPU than they save (about 30% here)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 B, H, W, S, D = 2, 3, 4, 5, 16
 TINY = dict(depth=2, embedding_dim=D, num_heads=2, mlp_dim=32)
 

@@ -9,7 +9,6 @@ readable table, plus the largest tensors with their logical axes (the names the 
 import json
 import math
 import re
-import sys
 
 from absl import app
 from absl import flags
