@@ -1,0 +1,1 @@
+"""Data: the synthetic Localized-Narratives world, vocabularies, and input pipelines."""
