@@ -27,16 +27,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if a.toy:
     c.model = common.model_config(sam="tiny", eva02="tiny", t5="tiny", prompt_extractor="tiny",
-                                  image_size=64, lora_rank=4, prompt_dim=32, vocab_size=128)
+                                  image_size=128, lora_rank=4, prompt_dim=32, vocab_size=128)
+    # Offline there are no pretrained towers to keep frozen: the toy trains everything.
+    c.frozen_params = ()
   else:
     c.model = common.model_config(sam=a.sam, eva02=a.eva02, t5=a.t5,
                                   prompt_extractor=a.extractor)
-  c.frozen_params = common.FROZEN_SAM_AND_T5
+    c.frozen_params = common.FROZEN_SAM_AND_T5
+
+  # Data: the embedded synthetic world (Localized Narratives format) for the toy; real LN
+  # TFRecords (`python -m pixel_llm.data.build ln ...`) otherwise, paths from flags or env vars.
+  c.data = dict(source="synthetic" if a.toy else "ln", root="", tfrecords="", vocab="",
+                num_train_images=2000, num_val_images=64, image_size=c.model.image_size, seed=0,
+                prompts=("Describe the image in detail.",), split_sentences=False,
+                eval_batch_size=32 if a.toy else 64)
 
   c.loss = dict(label_smoothing=0.1, caption_weight=1.0, point_weight=0.1)
 
   # Shapes of one example: prompts per image, prompt-text length, decoder length.
-  c.input = dict(num_prompts=1, max_context_len=8, max_target_len=128 if not a.toy else 16)
+  c.input = dict(num_prompts=1, max_context_len=8, max_target_len=128 if not a.toy else 64)
 
   c.seed = 0
   c.total_steps = 10_000 if not a.toy else 200
