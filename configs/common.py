@@ -11,14 +11,14 @@ SAM = {
     "vit_b": dict(width=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
     "vit_l": dict(width=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
     "vit_h": dict(width=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
-    "tiny": dict(width=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4),
+    "tiny": dict(width=64, depth=2, num_heads=4, global_attn_indexes=(1,), window_size=4),
 }
 
 # EVA02 ViTs (timm eva02_*_patch14_224: SwiGLU + sub-LN, 2-D RoPE, q/v biases).
 EVA02 = {
     "B": dict(width=768, depth=12, num_heads=12),
     "L": dict(width=1024, depth=24, num_heads=16),
-    "tiny": dict(width=32, depth=2, num_heads=2),
+    "tiny": dict(width=64, depth=2, num_heads=4),
 }
 
 # T5 v1.1 / Flan-T5 (see pixel_llm.models.t5.T5Config); values are T5Config fields.
@@ -32,7 +32,7 @@ T5 = {
                num_decoder_layers=24),
     "xxl": dict(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
                 num_decoder_layers=24),
-    "tiny": dict(d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, num_decoder_layers=2),
+    "tiny": dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2),
 }
 
 # Prompt feature extractor: the official release (depth 6) and the paper's text (2 layers).
@@ -41,7 +41,7 @@ PROMPT_EXTRACTOR = {
                     output_dim=1024),
     "paper": dict(depth=2, width=512, num_heads=8, mlp_dim=2048, num_output_tokens=32,
                   output_dim=1024),
-    "tiny": dict(depth=1, width=32, num_heads=2, mlp_dim=64, num_output_tokens=4, output_dim=32),
+    "tiny": dict(depth=2, width=64, num_heads=4, mlp_dim=128, num_output_tokens=16, output_dim=64),
 }
 
 # Parameter-path regexes (as printed by model_info) of the frozen parts of the paper's setting:
@@ -63,7 +63,7 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
   c.prompt_extractor = dict(PROMPT_EXTRACTOR[prompt_extractor], prompt_dim=prompt_dim)
   c.t5 = dict(T5[t5], vocab_size=vocab_size, dropout_rate=0.1, lora_rank=lora_rank,
               lora_scale=2.0)
-  c.location_head = dict(hidden_dim=512 if t5 != "tiny" else 64, depth=4, num_points=2)
+  c.location_head = dict(hidden_dim=512 if t5 != "tiny" else 128, depth=4, num_points=2)
   return c
 
 

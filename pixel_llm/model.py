@@ -39,6 +39,10 @@ class LossConfig:
   label_smoothing: float = 0.1
   caption_weight: float = 1.0
   point_weight: float = 0.1
+  # The release's point L1 is in pixels of the padded input (384 px), so its weight 0.1 acts on
+  # ~384x larger numbers than a normalised L1. True keeps that balance: the weighted term is
+  # point_weight * image_size * L1(normalised). The logged `point_loss` stays normalised.
+  point_loss_in_pixels: bool = True
 
 
 class PixelLLMModel:
@@ -72,7 +76,7 @@ class PixelLLMModel:
 
   def loss_fn(self, params, batch: dict[str, Any], rng: jax.Array | None, *,
               train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Caption cross-entropy (label smoothing) + weighted per-token point L1.
+    """Caption cross-entropy (label smoothing) + weighted per-token point L1 (see LossConfig).
 
     Each term is normalised by its own count of valid tokens; a term with no valid token adds 0.
     """
@@ -85,7 +89,8 @@ class PixelLLMModel:
     ce, n_text = losses.label_smoothed_cross_entropy(out["logits"], targets, text_w,
                                                      cfg.label_smoothing)
     l1, n_points = losses.point_l1(out["points"], batch["point_targets"], batch["point_weights"])
-    loss = cfg.caption_weight * ce + cfg.point_weight * l1
+    point_scale = float(self.network.image_size) if cfg.point_loss_in_pixels else 1.0
+    loss = cfg.caption_weight * ce + cfg.point_weight * point_scale * l1
     metrics = {
         "loss": loss,
         "caption_loss": ce,

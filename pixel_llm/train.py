@@ -26,9 +26,14 @@ from pixel_llm import optim
 from pixel_llm.data import pipeline
 from pixel_llm.models import build
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ln.py:toy.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
+
+
+def _define_flags():
+  """Flags are defined only when run as a binary, so `train_and_evaluate` imports cleanly."""
+  global _CONFIG, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ln.py:toy.",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
 
 
 def _format_eta(seconds: float) -> str:
@@ -140,9 +145,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; progress is printed
+    logging.set_verbosity(logging.WARNING)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

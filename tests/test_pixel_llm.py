@@ -16,6 +16,7 @@ B, R = 2, 2
 def _setup():
   config = ln.get_config("toy")
   config.unlock()
+  config.model.image_size = 64  # 4x4 token grids keep compiles short
   config.input.num_prompts = R
   config.input.max_target_len = 6
   config.input.max_context_len = 5
@@ -123,13 +124,15 @@ def test_loss_metrics_and_caption_mask():
   loss_fn = jax.jit(lambda p, b: model.loss_fn(p, b, None, train=False))
   loss, metrics = loss_fn(params, batch)
   assert np.isfinite(loss)
-  np.testing.assert_allclose(loss, metrics["caption_loss"] + 0.1 * metrics["point_loss"], rtol=1e-6)
+  # The point term is in pixels of the 64-px toy image, as the release's (weight 0.1).
+  np.testing.assert_allclose(loss, metrics["caption_loss"] + 0.1 * 64 * metrics["point_loss"],
+                             rtol=1e-6)
   assert metrics["num_text_tokens"] == float((batch["decoder_target_tokens"] > 0).sum())
   # A referring-style batch: caption loss switched off, only the point loss remains.
   off = dict(batch, caption_weights=jnp.zeros((B, R)))
   loss_off, m_off = loss_fn(params, off)
   assert m_off["num_text_tokens"] == 0
-  np.testing.assert_allclose(loss_off, 0.1 * m_off["point_loss"], rtol=1e-6)
+  np.testing.assert_allclose(loss_off, 0.1 * 64 * m_off["point_loss"], rtol=1e-6)
 
 
 def test_a_few_adam_steps_reduce_the_loss():

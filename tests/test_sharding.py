@@ -22,6 +22,7 @@ B = 8
 def _setup():
   config = ln.get_config("toy")
   config.unlock()
+  config.model.image_size = 64  # 4x4 token grids keep compiles short
   config.input.max_target_len = 6
   model = build.build_model(config)
   batch = build.example_batch(config, B, abstract=False)

@@ -14,10 +14,15 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ln.py:toy.",
-                                          lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-_TOP = flags.DEFINE_integer("top", 12, "How many of the largest tensors to list.")
+
+
+def _define_flags():
+  """Flags are defined only when run as a binary, so the functions below import cleanly."""
+  global _CONFIG, _JSON, _TOP
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ln.py:toy.",
+                                            lock_config=True)
+  _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+  _TOP = flags.DEFINE_integer("top", 12, "How many of the largest tensors to list.")
 
 COMPONENTS = ("sam_image_encoder", "eva02", "prompt_encoder", "prompt_extractor",
               "visual_projection", "t5", "lora", "location_head")
@@ -77,5 +82,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flag_as_required("config")
   app.run(main)
