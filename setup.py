@@ -49,6 +49,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["pixel_llm", "pixel_llm.*", "configs"]),
+    package_data={"pixel_llm.models": ["manifests/*.json"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

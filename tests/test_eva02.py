@@ -147,31 +147,8 @@ def _timm_tiny(timm, img_size: int):
       ref_feat_shape=(4, 4), num_classes=0, use_fc_norm=False).eval()
 
 
-def timm_to_flax(state_dict) -> dict:
-  """timm Eva state dict -> our parameter tree (the mapping a checkpoint converter applies)."""
-  params = {}
-  for key, val in state_dict.items():
-    val = val.detach().cpu().numpy()
-    parts = key.split(".")
-    if parts[0] == "blocks":
-      parts = [f"blocks_{parts[1]}"] + parts[2:]
-    *path, leaf = parts
-    if leaf == "weight":
-      if val.ndim == 4:  # conv (out, in, kh, kw) -> (kh, kw, in, out)
-        leaf, val = "kernel", val.transpose(2, 3, 1, 0)
-      elif val.ndim == 2:  # linear (out, in) -> (in, out)
-        leaf, val = "kernel", val.T
-      else:
-        leaf = "scale"
-    node = params
-    for p in path:
-      node = node.setdefault(p, {})
-    node[leaf] = jnp.asarray(val)
-  return params
-
-
 @pytest.mark.parity
-def test_parity_with_timm_at_pretrain_and_larger_size():
+def test_parity_with_timm_at_pretrain_and_larger_size(tmp_path):
   torch, timm = _import_timm()
   from timm.models.eva import checkpoint_filter_fn  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
@@ -179,11 +156,11 @@ def test_parity_with_timm_at_pretrain_and_larger_size():
   with torch.no_grad():  # make every weight (biases and norms too) non-trivial
     for p in ref.parameters():
       p.add_(0.2 * torch.randn_like(p))
-  params = timm_to_flax(ref.state_dict())
-
-  ours = nn.meta.unbox(_param_shapes(_TINY_MODEL, 56))
-  assert jax.tree.structure(ours) == jax.tree.structure(params)
-  assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, params)
+  # Through the real converter (official-name and error cases: tests/test_vision_convert.py).
+  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  save_file(ref.state_dict(), str(tmp_path / "eva.safetensors"))
+  shapes = nn.meta.unbox(_param_shapes(_TINY_MODEL, 56))
+  params = eva02.load(shapes, str(tmp_path / "eva.safetensors"))
 
   # Larger size: build timm at 84 px and load the 56-px weights the way timm loads a checkpoint
   # (checkpoint_filter_fn bicubic-resamples pos_embed); RoPE stays referenced to the 4x4 grid.

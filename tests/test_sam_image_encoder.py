@@ -2,7 +2,8 @@
 
 Tiny configs only; full-size variants are built with `jax.eval_shape` to check the exact
 parameter counts of the public segment-anything checkpoints. The parity test compares against
-timm's `VisionTransformerSAM` (a port of segment-anything's `ImageEncoderViT`) on random weights.
+timm's `VisionTransformerSAM` (a port of segment-anything's `ImageEncoderViT`) on random weights,
+loaded through `sam_image_encoder.load` (converter tests: tests/test_vision_convert.py).
 """
 import functools
 import sys
@@ -192,37 +193,7 @@ def _import_timm_sam():
   return pytest.importorskip("timm.models.vision_transformer_sam")
 
 
-def torch_to_flax(state_dict, depth):
-  """segment-anything / timm image-encoder state dict -> this module's params (test-only)."""
-  sd = {k: v.detach().numpy() for k, v in state_dict.items()}
-  conv_kernel = lambda w: w.transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
-  linear = lambda name: {"kernel": sd.pop(f"{name}.weight").T, "bias": sd.pop(f"{name}.bias")}
-  params = {
-      "patch_embed": {"proj": {"kernel": conv_kernel(sd.pop("patch_embed.proj.weight")),
-                               "bias": sd.pop("patch_embed.proj.bias")}},
-      "pos_embed": sd.pop("pos_embed"),
-      "neck": {"conv1": {"kernel": conv_kernel(sd.pop("neck.0.weight"))},
-               "ln1": {"weight": sd.pop("neck.1.weight"), "bias": sd.pop("neck.1.bias")},
-               "conv2": {"kernel": conv_kernel(sd.pop("neck.2.weight"))},
-               "ln2": {"weight": sd.pop("neck.3.weight"), "bias": sd.pop("neck.3.bias")}},
-  }
-  for i in range(depth):
-    b = f"blocks.{i}"
-    norm = lambda n: {"scale": sd.pop(f"{b}.{n}.weight"), "bias": sd.pop(f"{b}.{n}.bias")}
-    params[f"blocks_{i}"] = {
-        "norm1": norm("norm1"),
-        "norm2": norm("norm2"),
-        "attn": {"qkv": linear(f"{b}.attn.qkv"), "proj": linear(f"{b}.attn.proj"),
-                 "rel_pos_h": sd.pop(f"{b}.attn.rel_pos_h"),
-                 "rel_pos_w": sd.pop(f"{b}.attn.rel_pos_w")},
-        # segment-anything names these mlp.lin1/lin2; timm renames them fc1/fc2.
-        "mlp": {"lin1": linear(f"{b}.mlp.fc1"), "lin2": linear(f"{b}.mlp.fc2")},
-    }
-  assert not sd, f"unmapped torch weights: {sorted(sd)}"
-  return jax.tree.map(jnp.asarray, params)
-
-
-def test_parity_with_timm_sam(monkeypatch):
+def test_parity_with_timm_sam(monkeypatch, tmp_path):
   timm_sam = _import_timm_sam()
   import torch  # pylint: disable=g-import-not-at-top
   f = torch.nn.functional
@@ -246,9 +217,11 @@ def test_parity_with_timm_sam(monkeypatch):
       elif p.dim() == 1:  # norm scales / biases, linear biases
         p.add_(torch.randn_like(p) * 0.1)
   model = sie.SamImageEncoder(**cfg)
-  params = torch_to_flax(ref.state_dict(), cfg["depth"])
+  # Through the real converter: timm's layout (no prefix, mlp.fc1/fc2) as a safetensors file.
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  save_file(ref.state_dict(), str(tmp_path / "samvit.safetensors"))
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
-  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax.linen.meta.unbox(shapes))
+  params = sie.load(flax.linen.meta.unbox(shapes), str(tmp_path / "samvit.safetensors"))
 
   # 128x128: the pretraining grid (8x8 padded to 9x9 windows); 80x48: pos_embed and the global
   # tables (length 15) resampled to a 5x3 grid, here through the remat path.

@@ -120,38 +120,13 @@ def hf_model():
   return model
 
 
-def torch_to_params(state_dict) -> dict:
-  """HF T5ForConditionalGeneration state_dict -> this package's nested param dict."""
-  params = {}
-  for key, value in state_dict.items():
-    if key.endswith("embed_tokens.weight"):  # Aliases of `shared`.
-      continue
-    w = value.detach().numpy()
-    parts = key.split(".")
-    if "relative_attention_bias" in parts:
-      path = [parts[0], "relative_attention_bias", "embedding"]
-    elif parts[0] == "shared":
-      path = ["shared", "embedding"]
-    elif "layer_norm" in parts[-2]:
-      path = parts[:-1] + ["scale"]
-    else:
-      path, w = parts[:-1] + ["kernel"], w.T
-    merged = []
-    for p in path:  # "block", "3" -> "block_3"
-      if merged and merged[-1] in ("block", "layer"):
-        merged[-1] = f"{merged[-1]}_{p}"
-      else:
-        merged.append(p)
-    node = params
-    for p in merged[:-1]:
-      node = node.setdefault(p, {})
-    node[merged[-1]] = jnp.asarray(w)
-  return params
-
-
 @pytest.fixture(scope="module")
-def tiny_params(hf_model):
-  return torch_to_params(hf_model.state_dict())
+def tiny_params(hf_model, tmp_path_factory):
+  """The tiny HF model through a real safetensors file and the real converter `t5.load`."""
+  from safetensors.torch import save_model  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path_factory.mktemp("hf_t5") / "model.safetensors")
+  save_model(hf_model, path)
+  return t5.load(nn.meta.unbox(_init_shapes(TINY)), path)
 
 
 def _tokens(rng, batch, length, low=1):

@@ -82,7 +82,7 @@ def iter_tensors(path: str, ignore: Sequence[str] = ()) -> Iterator[tuple[str, n
         except Exception as e:
           raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e}); the file may be "
                                 "truncated.") from e
-        yield key, value.astype(np.float32) if value.dtype.kind == "f" else value
+        yield key, value.astype(np.float32, copy=False) if value.dtype.kind == "f" else value
 
 
 def _torch_state_dict(path: str) -> Mapping[str, Any]:
@@ -101,11 +101,32 @@ def _torch_state_dict(path: str) -> Mapping[str, Any]:
                           f"plain containers (weights_only=True). Nothing was executed. ({e})") from e
   except (RuntimeError, EOFError, OSError) as e:
     raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e}).") from e
-  if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-    obj = obj["state_dict"]
+  # Training checkpoints wrap the weights (DeepSpeed "module", EVA/timm "model", "model_ema").
+  for wrapper in ("state_dict", "model", "module", "model_ema"):
+    if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+      obj = obj[wrapper]
+      break
   if not isinstance(obj, dict):
     raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}.")
-  return obj
+  # Non-tensor entries (epoch counters, args) are not weights.
+  return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def drop_aliases(tensors: Iterator[tuple[str, np.ndarray]], groups: Sequence[Sequence[str]],
+                 source: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Passes on the first key of each group of tied names and drops the rest after checking that
+  they hold the same values (files saved from tied modules carry one tensor under several names)."""
+  first: dict[int, np.ndarray] = {}
+  group_of = {key: i for i, group in enumerate(groups) for key in group}
+  for key, value in tensors:
+    i = group_of.get(key)
+    if i is None:
+      yield key, value
+    elif i not in first:
+      first[i] = value
+      yield key, value
+    elif first[i].shape != value.shape or not np.array_equal(first[i], value):
+      raise CheckpointError(f"{source}: {key} should equal its tied alias but differs.")
 
 
 def fill(init_params: Any, tensors: Iterator[tuple[str, np.ndarray]],
@@ -113,35 +134,42 @@ def fill(init_params: Any, tensors: Iterator[tuple[str, np.ndarray]],
          source: str, allow_missing: Sequence[str] = ()) -> Any:
   """Builds a parameter tree shaped like `init_params` from checkpoint tensors.
 
-  convert(key, value) -> [(flax path tuple, array), ...]; [] marks an unexpected key. Flax leaves no
+  convert(key, value) -> [(flax path tuple, array), ...]; [] marks an unexpected key; None marks a
+  key consumed on purpose without filling anything (e.g. a verified alias of a tied tensor). A path
+  filled twice is an error (two source keys for one parameter). Flax leaves no
   tensor fills are missing unless they match an `allow_missing` regex (then they keep their init).
   Raises CheckpointMismatchError listing every problem at once.
   """
   from flax import traverse_util
 
   flat_init = traverse_util.flatten_dict(init_params)
-  out, unexpected, mismatched = {}, [], []
+  out, unexpected, mismatched, duplicated, misfit = {}, [], [], [], set()
   for key, value in tensors:
     targets = convert(key, value)
+    if targets is None:
+      continue
     if not targets:
       unexpected.append(key)
       continue
     for path, array in targets:
-      if path not in flat_init:
+      if path in out:
+        duplicated.append(f"{key} -> {'/'.join(path)} (already filled)")
+      elif path not in flat_init:
         unexpected.append(f"{key} -> {'/'.join(path)}")
       elif tuple(np.shape(flat_init[path])) != tuple(array.shape):
         mismatched.append(f"{key} {tuple(array.shape)} vs {'/'.join(path)} "
                           f"{tuple(np.shape(flat_init[path]))}")
+        misfit.add(path)  # Reported as mis-shaped, not again as missing.
       else:
         out[path] = np.asarray(array, dtype=np.float32)
   keep = [re.compile(p) for p in allow_missing]
   missing = []
   for path, value in flat_init.items():
-    if path not in out:
+    if path not in out and path not in misfit:
       if any(p.search("/".join(path)) for p in keep):
         out[path] = value
       else:
         missing.append("/".join(path))
-  if missing or unexpected or mismatched:
-    raise CheckpointMismatchError(source, missing, unexpected, mismatched)
+  if missing or unexpected or mismatched or duplicated:
+    raise CheckpointMismatchError(source, missing, unexpected + duplicated, mismatched)
   return traverse_util.unflatten_dict(out)

@@ -13,10 +13,16 @@ Parameter tree (timm names with `.` -> `/`, `blocks.i` -> `blocks_i`, weight -> 
             mlp/{fc1_g, fc1_x, norm, fc2}},
   norm.
 
+`load(init_params, path)` reads timm's `eva02_{base,large}_patch14_*` files (safetensors or .pth;
+`norm` or timm's `fc_norm`) and the official EVA02 MIM checkpoints (`attn.q_bias/v_bias`,
+`mlp.ffn_ln`, `mlp.w1/w2/w3`; their `mask_token`, `lm_head`, `rope` buffers and any `head` are
+skipped).
+
 Shape letters: B batch, H/W patch grid of the input, H0/W0 patch grid at `pretrain_img_size`,
 P = H*W patches, T = 1 + P tokens, D width, N heads, Dh head width, F MLP hidden width.
 """
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixel_llm.models import layers
+from pixel_llm.models import checkpoint_io, layers
 
 Dtype = Any
 
@@ -248,3 +254,70 @@ class Eva02(nn.Module):
 def Model(variant: str = "L", **kwargs) -> Eva02:  # pylint: disable=invalid-name
   """Eva02 from a preset name ("B" or "L"); `kwargs` override any field."""
   return Eva02(**{**VARIANTS[variant], **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint conversion.
+# ---------------------------------------------------------------------------------------------
+# MIM-only tensors and classifier heads: intentionally skipped.
+SKIPPED = (r"^(mask_token|lm_head\..*|head\..*)$", r"(^|\.)rope\.")
+# Official EVA02 names -> timm's (as timm's `checkpoint_filter_fn` renames them).
+_RENAMES = [(r"\.attn\.q_bias$", ".attn.q_proj.bias"), (r"\.attn\.v_bias$", ".attn.v_proj.bias"),
+            (r"\.mlp\.ffn_ln\.", ".mlp.norm."), (r"\.mlp\.w1\.", ".mlp.fc1_g."),
+            (r"\.mlp\.w2\.", ".mlp.fc1_x."), (r"\.mlp\.w3\.", ".mlp.fc2."),
+            (r"^fc_norm\.", "norm.")]
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(norm[12]|attn\.(?:[qkv]_proj|proj)|"
+                        r"mlp\.(?:fc1_g|fc1_x|norm|fc2))\.(weight|bias)$")
+
+
+def convert(key: str, value: np.ndarray):
+  """timm / official EVA02 key -> [(flax path, array)] ([] when unknown)."""
+  name = key
+  for pattern, repl in _RENAMES:
+    name = re.sub(pattern, repl, name)
+  if name in ("cls_token", "pos_embed"):
+    return [((name,), value)]
+  if name == "patch_embed.proj.weight":  # (out, in, kh, kw) -> (kh, kw, in, out)
+    return [(("patch_embed", "proj", "kernel"), value.transpose(2, 3, 1, 0))]
+  if name == "patch_embed.proj.bias":
+    return [(("patch_embed", "proj", "bias"), value)]
+  if name in ("norm.weight", "norm.bias"):
+    return [(("norm", "scale" if name.endswith("weight") else "bias"), value)]
+  m = _BLOCK_KEY.match(name)
+  if not m:
+    return []
+  module, leaf = (f"blocks_{m[1]}", *m[2].split(".")), m[3]
+  if leaf == "bias":
+    return [((*module, "bias"), value)]
+  if value.ndim == 2:  # torch Linear (out, in) -> (in, out)
+    return [((*module, "kernel"), value.T)]
+  return [((*module, "scale"), value)]
+
+
+def load_tensors(init_params, tensors, source: str, img_size: int | None = None,
+                 patch_size: int = 14):
+  """`load` from an iterator of (key, array) instead of a file."""
+  target_tokens = np.shape(init_params["pos_embed"])[1]
+
+  def resampled(tensors):
+    for key, value in tensors:
+      if key == "pos_embed" and img_size is not None and value.shape[1] != target_tokens:
+        old = img_size // patch_size
+        new = math.isqrt(target_tokens - 1)
+        value = np.asarray(resample_pos_embed(value, (new, new), (old, old)))
+      yield key, value
+
+  return checkpoint_io.fill(init_params, resampled(tensors), convert, source)
+
+
+def load(init_params, path: str, *, ignore=(), img_size: int | None = None):
+  """EVA02 params shaped like `init_params` (unboxed) from a timm or official EVA02 checkpoint.
+
+  The model stores `pos_embed` on its `pretrain_img_size` grid (and resamples at run time), so a
+  224-px checkpoint loads as is. `img_size`: the checkpoint's own pretraining side when it differs
+  (e.g. 448); its `pos_embed` is then bicubic-resampled to the model's grid, as timm does at load.
+  Without it such a checkpoint is a shape mismatch. `ignore`: extra regexes of keys to skip.
+  Raises CheckpointMismatchError naming every missing, unexpected and mis-shaped key.
+  """
+  tensors = checkpoint_io.iter_tensors(path, ignore=(*SKIPPED, *ignore))
+  return load_tensors(init_params, tensors, path, img_size)

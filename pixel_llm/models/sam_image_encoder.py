@@ -22,7 +22,12 @@ antialiasing), as segment-anything / timm code does. `resize_impl="jax"` instead
 scenic's SAM port in the official PixelLLM release used. The two agree for linear upsampling
 but differ when downsampling (PixelLLM's 64 -> 24 grid and 127 -> 47 tables): antialiasing
 smooths the tables, so use "jax" only with weights trained through that path.
+
+`load(init_params, path)` reads the public weights: segment-anything's `sam_vit_{b,l,h}_*.pth`
+(`image_encoder.*`), Hugging Face `facebook/sam-vit-*` (`vision_encoder.*`) or timm's `samvit_*`
+(no prefix, `mlp.fc1/fc2`); the prompt encoder and mask decoder keys of a full SAM file are skipped.
 """
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixel_llm.models import checkpoint_io
 from pixel_llm.models.layers import (
     LayerNorm2d, attention, constrain, conv, dense, drop_path, layer_norm, torch_linear_init,
     with_axes)
@@ -336,3 +342,97 @@ class SamImageEncoder(nn.Module):
 def Model(variant: str = "vit_h", **kw) -> SamImageEncoder:  # pylint: disable=invalid-name
   """`SamImageEncoder` for a named variant ("vit_b", "vit_l", "vit_h"); `kw` overrides fields."""
   return SamImageEncoder(**{**VARIANTS[variant], **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint conversion.
+# ---------------------------------------------------------------------------------------------
+# A full SAM checkpoint also holds the prompt encoder and mask decoder: intentionally skipped.
+SKIPPED = (r"^(prompt_encoder|mask_decoder|shared_image_embedding)\.",)
+LAYOUT_PREFIX = {"sam": "image_encoder.", "hf": "vision_encoder.", "timm": ""}
+# Hugging Face / timm module names -> segment-anything's.
+_RENAMES = {
+    "hf": [(r"^neck\.conv1\.", "neck.0."), (r"^neck\.layer_norm1\.", "neck.1."),
+           (r"^neck\.conv2\.", "neck.2."), (r"^neck\.layer_norm2\.", "neck.3."),
+           (r"^patch_embed\.projection\.", "patch_embed.proj."), (r"^layers\.", "blocks."),
+           (r"\.layer_norm([12])\.", r".norm\1.")],
+    "timm": [(r"\.mlp\.fc([12])\.", r".mlp.lin\1.")],
+    "sam": [],
+}
+_NECK = {"0": "conv1", "1": "ln1", "2": "conv2", "3": "ln2"}
+_BLOCK_KEY = re.compile(
+    r"^blocks\.(\d+)\.(?:(norm[12])\.(weight|bias)|attn\.(qkv|proj)\.(weight|bias)|"
+    r"attn\.(rel_pos_[hw])|mlp\.(lin[12])\.(weight|bias))$")
+
+
+def layout_of(key: str) -> str:
+  """Checkpoint layout ("sam", "hf" or "timm") a key belongs to, from its prefix."""
+  for layout in ("sam", "hf"):
+    if key.startswith(LAYOUT_PREFIX[layout]):
+      return layout
+  return "timm"
+
+
+def _sam_name_to_path(name: str, value: np.ndarray):
+  """segment-anything image-encoder key (no prefix) -> (flax path, array) or None."""
+  conv_kernel = lambda w: w.transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
+  if name in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
+    leaf = "kernel" if name.endswith("weight") else "bias"
+    return ("patch_embed", "proj", leaf), conv_kernel(value) if leaf == "kernel" else value
+  if name == "pos_embed":
+    return ("pos_embed",), value
+  if name.startswith("neck.") and name.count(".") == 2:
+    _, index, leaf = name.split(".")
+    if index in ("0", "2") and leaf == "weight":
+      return ("neck", _NECK[index], "kernel"), conv_kernel(value)
+    if index in ("1", "3"):
+      return ("neck", _NECK[index], leaf), value
+    return None
+  m = _BLOCK_KEY.match(name)
+  if not m:
+    return None
+  block, (norm, norm_leaf, lin, lin_leaf, table, mlp, mlp_leaf) = f"blocks_{m[1]}", m.groups()[1:]
+  if norm:
+    return (block, norm, "scale" if norm_leaf == "weight" else "bias"), value
+  if table:
+    return (block, "attn", table), value
+  module, leaf = (("attn", lin), lin_leaf) if lin else (("mlp", mlp), mlp_leaf)
+  if leaf == "weight":
+    return (block, *module, "kernel"), value.T  # torch Linear (out, in) -> (in, out)
+  return (block, *module, "bias"), value
+
+
+def converter(layout: str | None = None):
+  """convert(key, value) for `checkpoint_io.fill`; `layout` None takes each key's own prefix."""
+
+  def convert(key: str, value: np.ndarray):
+    lay = layout or layout_of(key)
+    prefix = LAYOUT_PREFIX[lay]
+    if not key.startswith(prefix):
+      return []
+    name = key[len(prefix):]
+    for pattern, repl in _RENAMES[lay]:
+      name = re.sub(pattern, repl, name)
+    target = _sam_name_to_path(name, value)
+    return [target] if target else []
+
+  return convert
+
+
+def load_tensors(init_params, tensors, source: str, layout: str | None = None):
+  """`load` from an iterator of (key, array) instead of a file."""
+  if layout is not None and layout not in LAYOUT_PREFIX:
+    raise ValueError(f"layout must be one of {sorted(LAYOUT_PREFIX)} or None, got {layout!r}")
+  return checkpoint_io.fill(init_params, tensors, converter(layout), source)
+
+
+def load(init_params, path: str, *, ignore=(), layout: str | None = None):
+  """Image-encoder params shaped like `init_params` (unboxed tree) from a public checkpoint.
+
+  path: segment-anything `.pth`, HF `model.safetensors` (file, folder or sharded index) or a timm
+    samvit checkpoint. `layout`: "sam", "hf" or "timm"; None detects it from the key prefixes.
+  ignore: extra regexes of checkpoint keys to skip (`SKIPPED` always is).
+  Raises CheckpointMismatchError naming every missing, unexpected and mis-shaped key.
+  """
+  tensors = checkpoint_io.iter_tensors(path, ignore=(*SKIPPED, *ignore))
+  return load_tensors(init_params, tensors, path, layout)

@@ -13,18 +13,27 @@ Parameters (torch key -> ours; torch `nn.Embedding(1, D)` weights become (D,) ve
   mask_downscaling.{0,1,3,4,6}                 -> mask_downscaling/layers_{0,1,3,4,6}
                                                   (conv kernels OIHW -> HWIO)
 
+`load(init_params, path)` reads these from segment-anything's `sam_vit_*.pth` (`prompt_encoder.*`)
+or Hugging Face `facebook/sam-vit-*` safetensors (`prompt_encoder.point_embed.{i}`,
+`.mask_embed.{conv1, layer_norm1, conv2, layer_norm2, conv3}`, the Gaussian matrix as
+`shared_image_embedding.positional_embedding` and/or its tied alias
+`prompt_encoder.shared_embedding.positional_embedding`).
+
 `init` creates EVERY parameter (mask_downscaling and the Gaussian matrix included) whatever prompts
 it is given: while initialising, the PE and the mask path also run on dummy inputs. So e.g.
 `PromptEncoder().init(rng, boxes=b, image_grid=(24, 24), input_size=(384, 384))` yields all
 checkpoint keys.
 """
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from pixel_llm.models import checkpoint_io
 from pixel_llm.models.layers import LayerNorm2d, conv, torch_linear_init, with_axes
 
 Dtype = Any
@@ -171,3 +180,68 @@ class PromptEncoder(nn.Module):
   def get_dense_pe(self, grid: tuple[int, int]) -> jax.Array:
     """Positional encoding of the image grid's cell centres: float32[H, W, D]."""
     return self.pe_layer(dense_grid(grid))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint conversion.
+# ---------------------------------------------------------------------------------------------
+# A full SAM checkpoint also holds the image encoder and mask decoder: intentionally skipped.
+SKIPPED = (r"^(image_encoder|vision_encoder|mask_decoder)\.",)
+_HF_MASK = {"conv1": "0", "layer_norm1": "1", "conv2": "3", "layer_norm2": "4", "conv3": "6"}
+_GAUSSIAN = ("pe_layer", "positional_encoding_gaussian_matrix")
+
+
+def _to_sam_name(key: str) -> str | None:
+  """HF key -> segment-anything name without the `prompt_encoder.` prefix (None: not ours)."""
+  if key in ("shared_image_embedding.positional_embedding",
+             "prompt_encoder.shared_embedding.positional_embedding"):
+    return "pe_layer.positional_encoding_gaussian_matrix"
+  if not key.startswith("prompt_encoder."):
+    return None
+  name = key[len("prompt_encoder."):]
+  name = re.sub(r"^point_embed\.", "point_embeddings.", name)
+  m = re.match(r"^mask_embed\.(\w+)\.(weight|bias)$", name)
+  if m and m[1] in _HF_MASK:
+    name = f"mask_downscaling.{_HF_MASK[m[1]]}.{m[2]}"
+  return name
+
+
+def convert(key: str, value: np.ndarray):
+  """segment-anything / HF prompt-encoder key -> [(flax path, array)] ([] when not ours)."""
+  name = _to_sam_name(key)
+  if name is None:
+    return []
+  if name == "pe_layer.positional_encoding_gaussian_matrix":
+    return [(_GAUSSIAN, value)]
+  m = re.match(r"^(?:point_embeddings\.([0-3])|(not_a_point_embed|no_mask_embed))\.weight$", name)
+  if m:  # nn.Embedding(1, D) weights [1, D] -> [D]
+    return [((f"point_embeddings_{m[1]}" if m[1] else m[2],), value.reshape(-1))]
+  m = re.match(r"^mask_downscaling\.([0-9])\.(weight|bias)$", name)
+  if m and m[1] in ("0", "3", "6"):
+    leaf, array = ("kernel", value.transpose(2, 3, 1, 0)) if m[2] == "weight" else ("bias", value)
+    return [(("mask_downscaling", f"layers_{m[1]}", leaf), array)]
+  if m and m[1] in ("1", "4"):  # LayerNorm2d keeps torch's weight / bias names
+    return [(("mask_downscaling", f"layers_{m[1]}", m[2]), value)]
+  return []
+
+
+def load(init_params, path: str, *, ignore=()):
+  """Prompt-encoder params shaped like `init_params` (unboxed) from a SAM checkpoint.
+
+  path: segment-anything `sam_vit_*.pth` or HF `facebook/sam-vit-*` safetensors; the layout comes
+  from the key names. `ignore`: extra regexes of keys to skip (`SKIPPED` always is).
+  Raises CheckpointMismatchError naming every missing, unexpected and mis-shaped key.
+  """
+  return load_tensors(init_params, checkpoint_io.iter_tensors(path, ignore=(*SKIPPED, *ignore)),
+                      path)
+
+
+# HF SamModel ties the prompt encoder's positional matrix to the image-embedding one.
+_TIED = (("shared_image_embedding.positional_embedding",
+          "prompt_encoder.shared_embedding.positional_embedding"),)
+
+
+def load_tensors(init_params, tensors, source: str):
+  """`load` from an iterator of (key, array) instead of a file."""
+  tensors = checkpoint_io.drop_aliases(tensors, _TIED, source)
+  return checkpoint_io.fill(init_params, tensors, convert, source)

@@ -12,16 +12,25 @@ rename plus a kernel transpose:
   {encoder,decoder}/final_layer_norm, lm_head          (D, vocab)
   LoRA adds `lora_a` (Din, r) and `lora_b` (r, Dout) next to a targeted projection's `kernel`.
 
+`load(init_params, path)` reads HF checkpoints (safetensors, sharded or `pytorch_model.bin`) into
+that tree; `hf_key_to_flax` is its key mapping, and models/manifests/flan_t5_*.json list the
+published checkpoints' keys and shapes.
+
 Shapes: B batch, L encoder length, T decoder length, D d_model, N heads, Dh d_kv, F d_ff, V vocab.
 """
 import dataclasses
+import json
 import math
-from typing import Any
+import os
+import re
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from pixel_llm.models import checkpoint_io
 from pixel_llm.models.layers import with_axes
 from pixel_llm.models.lora import LoraDense
 
@@ -338,3 +347,109 @@ class T5(nn.Module):
 def Model(variant: str = "xl", **overrides) -> T5:  # pylint: disable=invalid-name
   """T5 network for a preset name, e.g. `Model("xl", lora_rank=32)`."""
   return T5(T5Config.preset(variant, **overrides))
+
+
+# ---------------------------------------------------------------- Hugging Face checkpoints
+
+VANITY_NAMES = {f"flan-t5-{v}": f"google/flan-t5-{v}" for v in PRESETS}
+
+_BLOCK_KEY = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.(?:"
+                        r"(layer_norm)|(SelfAttention|EncDecAttention)\.([qkvo])|"
+                        r"(DenseReluDense)\.(wi_0|wi_1|wo)|"
+                        r"SelfAttention\.(relative_attention_bias))\.weight")
+# HF itself drops this one: v1.0 checkpoints carry a cross-attention bias that no model uses.
+_UNUSED = (r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",)
+
+
+def hf_key_to_flax(key: str) -> tuple[tuple[str, ...], bool] | None:
+  """HF `T5ForConditionalGeneration` key -> (Flax param path, transpose?); None if unknown.
+
+  `{encoder,decoder}.embed_tokens.weight` are `shared.weight`'s tied aliases and map onto it too.
+  """
+  if key in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+    return ("shared", "embedding"), False
+  if key == "lm_head.weight":
+    return ("lm_head", "kernel"), True
+  m = re.fullmatch(r"(encoder|decoder)\.final_layer_norm\.weight", key)
+  if m:
+    return (m[1], "final_layer_norm", "scale"), False
+  m = _BLOCK_KEY.fullmatch(key)
+  if not m:
+    return None
+  stack, block, layer = m[1], f"block_{m[2]}", f"layer_{m[3]}"
+  if m[9]:  # Only block 0 holds the bias table that the whole stack shares.
+    return ((stack, "relative_attention_bias", "embedding"), False) if m[2] == "0" else None
+  if m[4]:
+    return (stack, block, layer, "layer_norm", "scale"), False
+  module, proj = (m[5], m[6]) if m[5] else (m[7], m[8])
+  return (stack, block, layer, module, proj, "kernel"), True  # torch Linear is (out, in).
+
+
+def load_tensors(init_params: Any, tensors: Iterator[tuple[str, np.ndarray]],
+                 source: str = "checkpoint") -> dict:
+  """`load` on (HF key, array) pairs; LoRA factors keep their values from `init_params`."""
+  embedding = []  # The first of the tied input embeddings; later aliases must equal it.
+
+  def convert(key, value):
+    target = hf_key_to_flax(key)
+    if target is None:
+      return []
+    path, transpose = target
+    if path == ("shared", "embedding"):
+      if not embedding:
+        embedding.append(value)
+      elif embedding[0].shape == value.shape:
+        if not np.array_equal(embedding[0], value):
+          raise checkpoint_io.CheckpointError(
+              f"{source}: {key} differs from the other input embedding; this T5 shares one "
+              "embedding between encoder, decoder and `shared` (as every T5 v1.1 checkpoint does).")
+        return None  # a verified alias of the tied embedding: nothing more to fill
+    return [(path, value.T if transpose else value)]
+
+  return checkpoint_io.fill(nn.meta.unbox(init_params), tensors, convert, source,
+                            allow_missing=(r"/lora_[ab]$",))
+
+
+def _checkpoint_files(path: str) -> list[str]:
+  """A folder -> its safetensors (preferred) or PyTorch weights; a `.bin` index -> its shards."""
+  if os.path.isdir(path):
+    for name in ("model.safetensors.index.json", "model.safetensors",
+                 "pytorch_model.bin.index.json", "pytorch_model.bin"):
+      if os.path.exists(os.path.join(path, name)):
+        return _checkpoint_files(os.path.join(path, name))
+    raise checkpoint_io.CheckpointError(f"{path}: no model.safetensors[.index.json] or "
+                                        "pytorch_model.bin[.index.json] inside.")
+  if path.endswith(".bin.index.json"):
+    try:
+      with open(path) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError) as e:
+      raise checkpoint_io.CheckpointError(f"{path}: unreadable checkpoint index ({e}).") from e
+    return [os.path.join(os.path.dirname(path), shard) for shard in shards]
+  return [path]
+
+
+def load(init_params: Any, path: str, *, ignore: Sequence[str] = ()) -> dict:
+  """Reads a Hugging Face (Flan-)T5 v1.1 checkpoint into a tree shaped like `init_params`.
+
+  path: a model folder, `model.safetensors`, `model.safetensors.index.json`, `pytorch_model.bin`
+  or `pytorch_model.bin.index.json`; tensors stream one at a time. `ignore`: regexes of HF keys to
+  skip. Returns nested numpy arrays (kernels transposed to (in, out)); LoRA factors are not in
+  public checkpoints and keep their init (B = 0, so the model starts as the checkpoint). Raises
+  CheckpointMismatchError naming every missing, unexpected or mis-shaped key, and CheckpointError
+  for unreadable or unsafe files.
+  """
+  def tensors():
+    for file in _checkpoint_files(path):
+      yield from checkpoint_io.iter_tensors(file, ignore=tuple(ignore) + _UNUSED)
+  return load_tensors(init_params, tensors(), path)
+
+
+def load_vocab(path: str) -> str:
+  """The SentencePiece model (`spiece.model`) shipped beside a HF checkpoint (folder or file)."""
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  vocab = os.path.join(folder, "spiece.model")
+  if not os.path.exists(vocab):
+    raise FileNotFoundError(f"No spiece.model in {folder!r}: download it with the checkpoint "
+                            "(every google/flan-t5-* repository holds one).")
+  return vocab
