@@ -51,12 +51,14 @@ def main():
   batch["decoder_target_tokens"] = jnp.ones_like(batch["decoder_target_tokens"])
   batch["point_weights"] = jnp.ones_like(batch["point_weights"])
 
+  print(f"building {args.config} batch {args.batch} {args.dtype} on {jax.devices()[0]}", flush=True)
   t0 = time.time()
   import flax.linen as nn
   params = jax.jit(lambda r: nn.meta.unbox(model.init_variables(r, batch)["params"]))(
       jax.random.key(0))
   jax.block_until_ready(params)
   init_s = time.time() - t0
+  print(f"init {init_s:.1f} s", flush=True)
   labels = optim.frozen_labels(params, config.frozen_params)
   trainable = jax.tree.map(lambda x, l: x if l == "train" else None, params, labels)
   frozen = jax.tree.map(lambda x, l: x if l == "frozen" else None, params, labels)
@@ -76,6 +78,7 @@ def main():
   t0 = time.time()
   compiled = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, frozen, opt_state, batch).compile()
   compile_s = time.time() - t0
+  print(f"compile {compile_s:.1f} s", flush=True)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
