@@ -16,6 +16,7 @@ from pixel_llm.models.lora import LoraDense
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from transformers.models.t5 import modeling_t5 as hf_t5  # pylint: disable=wrong-import-position
+import hf_reference  # pylint: disable=wrong-import-position  (tests/hf_reference.py)
 
 TINY = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
                    num_decoder_layers=2, relative_attention_num_buckets=8,
@@ -94,30 +95,7 @@ def test_lora_dense_init_and_forward():
 
 @pytest.fixture(scope="module")
 def hf_model():
-  torch.manual_seed(0)
-  c = TINY
-  hf_cfg = transformers.T5Config(
-      vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, num_heads=c.num_heads, d_ff=c.d_ff,
-      num_layers=c.num_layers, num_decoder_layers=c.num_decoder_layers,
-      relative_attention_num_buckets=c.relative_attention_num_buckets,
-      relative_attention_max_distance=c.relative_attention_max_distance,
-      feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False)
-  hf_cfg.tie_word_embeddings = False  # transformers 5.x forces it True in __init__.
-  model = hf_t5.T5ForConditionalGeneration(hf_cfg).eval()
-  if model.lm_head.weight is model.shared.weight:
-    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
-  # Untying in transformers 5.x also unties encoder/decoder.embed_tokens from `shared`; v1.1
-  # shares one input embedding, so re-share it.
-  model.set_input_embeddings(model.shared)
-  with torch.no_grad():  # Non-trivial norm scales and a distinct head so the mapping is exercised.
-    for name, p in model.named_parameters():
-      if "layer_norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    model.lm_head.weight.normal_(0.0, 0.2)
-  assert model.lm_head.weight is not model.shared.weight
-  assert model.encoder.embed_tokens.weight is model.shared.weight
-  assert model.decoder.embed_tokens.weight is model.shared.weight
-  return model
+  return hf_reference.t5_v11(TINY)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pixel_llm.models import t5
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
-from transformers.models.t5 import modeling_t5 as hf_t5  # pylint: disable=wrong-import-position
+import hf_reference  # pylint: disable=wrong-import-position  (tests/hf_reference.py)
 
 MANIFESTS = os.path.join(os.path.dirname(t5.__file__), "manifests")
 TINY = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
@@ -63,25 +63,7 @@ def test_manifest_maps_onto_full_size_network(variant):
 # ---------------------------------------------------------------- HF parity, per format
 
 
-def _hf_model(cfg: t5.T5Config, seed: int = 0):
-  torch.manual_seed(seed)
-  hf_cfg = transformers.T5Config(
-      vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, num_heads=cfg.num_heads,
-      d_ff=cfg.d_ff, num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
-      relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-      relative_attention_max_distance=cfg.relative_attention_max_distance,
-      feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False)
-  hf_cfg.tie_word_embeddings = False  # transformers 5.x forces it True in __init__.
-  model = hf_t5.T5ForConditionalGeneration(hf_cfg).eval()
-  if model.lm_head.weight is model.shared.weight:
-    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
-  model.set_input_embeddings(model.shared)  # v1.1: one input embedding, as in real checkpoints.
-  with torch.no_grad():  # Non-trivial norm scales and a distinct head exercise the mapping.
-    for name, p in model.named_parameters():
-      if "layer_norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    model.lm_head.weight.normal_(0.0, 0.2)
-  return model
+_hf_model = hf_reference.t5_v11
 
 
 @pytest.fixture(scope="module")
