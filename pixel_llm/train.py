@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from pixel_llm import evaluation
@@ -94,7 +95,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
     metrics["learning_rate"] = schedule(state["step"])
-    metrics["grad_norm"] = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
+    metrics["grad_norm"] = optax.global_norm(grads)
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   evaluator = evaluation.Evaluator(model, data, config)
