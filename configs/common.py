@@ -46,11 +46,13 @@ PROMPT_EXTRACTOR = {
 
 # Parameter-path regexes (as printed by model_info) of the frozen parts of the paper's setting:
 # SAM (image encoder and prompt encoder) and every non-LoRA T5 weight.
-FROZEN_SAM_AND_T5 = (r"^sam_image_encoder/", r"^prompt_encoder/", r"^t5/(?!.*lora)")
+FROZEN_SAM_AND_T5 = (r"^sam_image_encoder/", r"^prompt_encoder/", r"^mask_decoder/",
+                     r"^t5/(?!.*lora)")
 
 
 def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release", image_size=384,
-                 lora_rank=32, prompt_dim=256, vocab_size=32128) -> ml_collections.ConfigDict:
+                 lora_rank=32, prompt_dim=256, vocab_size=32128,
+                 mask_decoder=False) -> ml_collections.ConfigDict:
   """The network config: one sub-dict of module fields per component."""
   c = ml_collections.ConfigDict()
   c.image_size = image_size
@@ -64,6 +66,8 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
   c.t5 = dict(T5[t5], vocab_size=vocab_size, dropout_rate=0.1, lora_rank=lora_rank,
               lora_scale=2.0)
   c.location_head = dict(hidden_dim=512 if t5 != "tiny" else 128, depth=4, num_points=2)
+  # SAM's mask decoder (4.06 M parameters, from the SAM checkpoint); on for segmentation configs.
+  c.mask_decoder = dict(enabled=mask_decoder, transformer_dim=prompt_dim)
   return c
 
 

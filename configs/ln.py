@@ -17,6 +17,8 @@ Variants (`configs/ln.py:<arg>`):
           --workdir=workdirs/ln_toy`).
   t5=<small|base|large|xl|xxl>, sam=<vit_b|vit_l|vit_h>, eva02=<B|L>, extractor=<release|paper>
 """
+import os
+
 import ml_collections
 
 from configs import common
@@ -37,6 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                   prompt_extractor=a.extractor)
     c.frozen_params = common.FROZEN_SAM_AND_T5
 
+  # Converted public weights (`python -m pixel_llm.tools.convert`); `init_patterns` selects the
+  # parameters read from it (regexes on paths as printed by `pixel_llm.tools.model_info`).
+  c.init_checkpoint = "" if a.toy else os.environ.get("PIXEL_LLM_INIT_CHECKPOINT", "")
+  c.init_patterns = ("",)
   # Data: the embedded synthetic world (Localized Narratives format) for the toy; real LN
   # TFRecords (`python -m pixel_llm.data.build ln ...`) otherwise, paths from flags or env vars.
   c.data = dict(source="synthetic" if a.toy else "ln", root="", tfrecords="", vocab="",

@@ -26,6 +26,7 @@ from pixel_llm import evaluation
 from pixel_llm import optim
 from pixel_llm.data import pipeline
 from pixel_llm.models import build
+from pixel_llm.models import pretrained
 
 
 
@@ -40,6 +41,25 @@ def _define_flags():
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def _initial_params(config, params):
+  """`params` with the parts matching `config.init_patterns` read from `config.init_checkpoint`."""
+  init_checkpoint = config.get("init_checkpoint", "")
+  if not init_checkpoint:
+    if config.frozen_params:
+      raise ValueError(
+          f"{config.name}: frozen_params {tuple(config.frozen_params)} but no init_checkpoint, so "
+          "the frozen towers would stay random. Convert the public weights with `python -m "
+          "pixel_llm.tools.convert` and pass --config.init_checkpoint=DIR (or set "
+          "PIXEL_LLM_INIT_CHECKPOINT), or train everything with --config.frozen_params='()'.")
+    return params
+  params, kept = pretrained.restore_into(params, init_checkpoint,
+                                         config.get("init_patterns", ("",)))
+  print(f"Initialised from {init_checkpoint}"
+        + (f"; {len(kept)} parameters not in it keep their fresh init, e.g. {kept[0]}"
+           if kept else ""), flush=True)
+  return params
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -65,19 +85,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
   init_rng, train_rng = jax.random.split(rng)
   example = build.example_batch(config, config.batch_size, abstract=False)
   params = jax.jit(lambda r: nn.meta.unbox(model.init_variables(r, example)["params"]))(init_rng)
+
+  # ---------------------------------------------------------------------------------------------
+  # Resume precedence: the workdir's latest checkpoint, else the config's init checkpoint
+  # (converted public weights, `python -m pixel_llm.tools.convert`), else the fresh init above.
+  # ---------------------------------------------------------------------------------------------
+  ckpt = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  resuming = ckpt.latest_step() is not None
+  if not resuming:
+    params = _initial_params(config, params)
   tx, schedule = optim.make_optimizer(
       params, learning_rate=config.learning_rate, total_steps=config.total_steps,
       warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
       grad_clip_norm=config.get("grad_clip_norm", 1.0), frozen_patterns=config.frozen_params)
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-  # ---------------------------------------------------------------------------------------------
-  # Resume: the workdir's latest checkpoint, else the fresh initialisation above.
-  # ---------------------------------------------------------------------------------------------
-  ckpt = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-  if ckpt.latest_step() is not None:
+  if resuming:
     state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(state))
     logging.info("Resumed from step %d", int(state["step"]))
     print(f"Resumed from {workdir}/checkpoints at step {int(state['step'])}", flush=True)

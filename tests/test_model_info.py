@@ -44,3 +44,13 @@ def test_readme_command_prints_table_with_logical_axes():
   assert len(lines) == 2
   assert {line.split()[0] for line in lines} == {"t5/lm_head/kernel", "t5/shared/embedding"}
   assert "('embed', 'vocab')" in proc.stdout
+
+
+def test_mask_decoder_joins_the_network_when_enabled():
+  config = ln.get_config(None)
+  config.model.mask_decoder.enabled = True
+  counts = model_info.component_counts(model_info.flat_shapes(build.abstract_params(config)),
+                                       config.frozen_params)
+  assert counts["mask_decoder"] == 4_058_340  # sam_vit_*.pth mask_decoder.* (same for B/L/H)
+  assert counts["total"] == 3_856_122_128 + 4_058_340
+  assert counts["trainable"] == 369_332_420  # frozen with the rest of SAM

@@ -172,3 +172,30 @@ def test_wrong_image_size_is_a_clear_error():
   bad = dict(batch, image=jnp.zeros((B, 32, 32, 3)))
   with pytest.raises(ValueError, match="Expected images of 64x64"):
     _forward(model, params, bad)
+
+
+def test_mask_decoder_segments_each_prompt_box():
+  config = ln.get_config("toy")
+  config.model.image_size = 64
+  config.model.sam.out_chans = config.model.prompt_encoder.embed_dim
+  config.model.mask_decoder = dict(enabled=True, transformer_dim=config.model.sam.out_chans,
+                                   transformer_mlp_dim=32, transformer_num_heads=2,
+                                   iou_head_hidden_dim=16)
+  config.input.num_prompts = R
+  config.input.max_target_len = 6
+  config.input.max_context_len = 5
+  model = build.build_model(config)
+  batch = _batch(config, jax.random.key(1))
+  params = jax.jit(model.init_variables)(jax.random.key(0), batch)["params"]
+  import flax.linen as nn
+  params = nn.meta.unbox(params)
+  (_, aux) = _forward(model, params, batch)
+  grid = 64 // 16
+  assert aux["masks"].shape == (B, R, 4 * grid, 4 * grid)
+  assert aux["iou_predictions"].shape == (B, R)
+  assert np.isfinite(np.asarray(aux["masks"])).all()
+  # The two prompt boxes of one image give different masks.
+  assert np.abs(np.asarray(aux["masks"][:, 0] - aux["masks"][:, 1])).max() > 1e-4
+  config.model.sam.out_chans = 256
+  with pytest.raises(ValueError, match="out_chans"):
+    build.build_model(config)

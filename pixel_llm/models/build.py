@@ -12,6 +12,7 @@ from pixel_llm.model import LossConfig, PixelLLMModel
 from pixel_llm.models import eva02 as eva02_lib
 from pixel_llm.models import location_head as location_head_lib
 from pixel_llm.models import prompt_extractor as prompt_extractor_lib
+from pixel_llm.models import sam_mask_decoder as mask_decoder_lib
 from pixel_llm.models import sam_image_encoder as sam_lib
 from pixel_llm.models import sam_prompt_encoder as prompt_encoder_lib
 from pixel_llm.models import t5 as t5_lib
@@ -31,6 +32,12 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
   t5_config = t5_lib.T5Config(**_fields(model.t5), dtype=dtype)
   sam = model.get("sam")
   eva = model.get("eva02")
+  mask_decoder = dict(model.get("mask_decoder") or {})
+  enabled = mask_decoder.pop("enabled", False)
+  if enabled and (not sam or sam.get("out_chans", 256) != mask_decoder.get("transformer_dim", 256)
+                  or model.prompt_encoder.embed_dim != mask_decoder.get("transformer_dim", 256)):
+    raise ValueError("The mask decoder needs SAM with out_chans == prompt_encoder.embed_dim == "
+                     "mask_decoder.transformer_dim (SAM's 256).")
   return PixelLLM(
       sam_image_encoder=sam_lib.SamImageEncoder(**_fields(sam), dtype=dtype) if sam else None,
       eva02=eva02_lib.Eva02(**_fields(eva), dtype=dtype) if eva else None,
@@ -41,6 +48,8 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
       t5=t5_lib.T5(t5_config),
       location_head=location_head_lib.LocationHead(**_fields(model.location_head)),
       image_size=model.image_size,
+      mask_decoder=(mask_decoder_lib.MaskDecoder(**_fields(mask_decoder), dtype=dtype)
+                    if enabled else None),
   )
 
 

@@ -66,10 +66,12 @@ class PixelLLM(nn.Module):
   t5: nn.Module
   location_head: nn.Module
   image_size: int = 384
+  mask_decoder: nn.Module | None = None  # SAM's, prompted with boxes (the segmentation task)
 
   def encode_image(self, image: jax.Array, image_mask: jax.Array | None = None, *,
-                   train: bool = False) -> jax.Array:
-    """image: float32[B, S, S, 3] in [0, 1] (padded square) -> features float32[B, h, w, C]."""
+                   train: bool = False, return_sam: bool = False):
+    """image: float32[B, S, S, 3] in [0, 1] (padded square) -> features float32[B, h, w, C]
+    (and, with `return_sam`, SAM's own embedding float32[B, hs, ws, 256] for its mask decoder)."""
     if image.shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(f"Expected images of {self.image_size}x{self.image_size}, got {image.shape}.")
     maps = []
@@ -88,7 +90,25 @@ class PixelLLM(nn.Module):
             jax.image.resize(m, (m.shape[0], h, w, m.shape[3]), "cubic").astype(m.dtype)
             for m in maps]
     feats = jnp.concatenate([m.astype(maps[-1].dtype) for m in maps], axis=-1)
-    return layers.constrain(feats, ("batch", None, None, "act_embed"))
+    feats = layers.constrain(feats, ("batch", None, None, "act_embed"))
+    return (feats, sam if self.sam_image_encoder is not None else None) if return_sam else feats
+
+  def predict_masks(self, sam_embedding: jax.Array, boxes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SAM's mask decoder prompted with boxes.
+
+    sam_embedding: float[B, hs, ws, D] (`encode_image(..., return_sam=True)`); boxes: float[B, R, 4]
+    xyxy in [0, 1]. Returns (low-res mask logits float32[B, R, 4hs, 4ws], IoU predictions
+    float32[B, R]), SAM's single-mask output.
+    """
+    b, hs, ws, _ = sam_embedding.shape
+    r = boxes.shape[1]
+    size = (self.image_size, self.image_size)
+    sparse, dense = self.prompt_encoder(boxes=boxes.reshape(b * r, 4) * float(self.image_size),
+                                        image_grid=(hs, ws), input_size=size)
+    masks, iou = self.mask_decoder(jnp.repeat(sam_embedding, r, axis=0),
+                                   self.prompt_encoder.get_dense_pe((hs, ws)), sparse, dense,
+                                   multimask_output=False)
+    return masks.reshape(b, r, *masks.shape[2:]), iou.reshape(b, r)
 
   def encode_prompts(self, features: jax.Array, *, boxes: jax.Array | None = None,
                      points: jax.Array | None = None, point_labels: jax.Array | None = None,
@@ -162,10 +182,12 @@ class PixelLLM(nn.Module):
         `encode_prefix`; R is taken from `decoder_input_tokens`.
     Returns:
       ({"logits": [B, R, T, V], "points": [B, R, T, K, 2]},
-       aux {"hidden": [B, R, T, D], "visual_tokens": [B, R, Q, D], "image_features": [B, h, w, C]})
+       aux {"hidden": [B, R, T, D], "visual_tokens": [B, R, Q, D], "image_features": [B, h, w, C]},
+       plus, with a mask decoder, "masks": [B, R, 4hs, 4ws] logits and "iou_predictions": [B, R]
+       for the prompt boxes)
     """
     b, r, t = decoder_input_tokens.shape
-    feats = self.encode_image(image, image_mask, train=train)
+    feats, sam = self.encode_image(image, image_mask, train=train, return_sam=True)
     visual = self.encode_prompts(feats, boxes=prompt_boxes, points=prompt_points,
                                  point_labels=prompt_point_labels, num_prompts=r, train=train)
     encoded, mask = self.encode_prefix(visual, prompt_text, train=train)
@@ -173,4 +195,10 @@ class PixelLLM(nn.Module):
                                          train=train)
     out = {"logits": logits.reshape(b, r, t, -1), "points": points.reshape(b, r, t, *points.shape[2:])}
     aux = {"hidden": hidden.reshape(b, r, t, -1), "visual_tokens": visual, "image_features": feats}
+    if self.mask_decoder is not None:
+      if sam is None:
+        raise ValueError("The mask decoder needs the SAM image encoder.")
+      if prompt_boxes is None:
+        prompt_boxes = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32), (b, r, 4))
+      aux["masks"], aux["iou_predictions"] = self.predict_masks(sam, prompt_boxes)
     return out, aux

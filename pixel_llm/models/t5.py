@@ -358,7 +358,7 @@ _BLOCK_KEY = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.(?:"
                         r"(DenseReluDense)\.(wi_0|wi_1|wo)|"
                         r"SelfAttention\.(relative_attention_bias))\.weight")
 # HF itself drops this one: v1.0 checkpoints carry a cross-attention bias that no model uses.
-_UNUSED = (r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",)
+SKIPPED = (r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",)
 
 
 def hf_key_to_flax(key: str) -> tuple[tuple[str, ...], bool] | None:
@@ -410,13 +410,13 @@ def load_tensors(init_params: Any, tensors: Iterator[tuple[str, np.ndarray]],
                             allow_missing=(r"/lora_[ab]$",))
 
 
-def _checkpoint_files(path: str) -> list[str]:
+def checkpoint_files(path: str) -> list[str]:
   """A folder -> its safetensors (preferred) or PyTorch weights; a `.bin` index -> its shards."""
   if os.path.isdir(path):
     for name in ("model.safetensors.index.json", "model.safetensors",
                  "pytorch_model.bin.index.json", "pytorch_model.bin"):
       if os.path.exists(os.path.join(path, name)):
-        return _checkpoint_files(os.path.join(path, name))
+        return checkpoint_files(os.path.join(path, name))
     raise checkpoint_io.CheckpointError(f"{path}: no model.safetensors[.index.json] or "
                                         "pytorch_model.bin[.index.json] inside.")
   if path.endswith(".bin.index.json"):
@@ -440,8 +440,8 @@ def load(init_params: Any, path: str, *, ignore: Sequence[str] = ()) -> dict:
   for unreadable or unsafe files.
   """
   def tensors():
-    for file in _checkpoint_files(path):
-      yield from checkpoint_io.iter_tensors(file, ignore=tuple(ignore) + _UNUSED)
+    for file in checkpoint_files(path):
+      yield from checkpoint_io.iter_tensors(file, ignore=tuple(ignore) + SKIPPED)
   return load_tensors(init_params, tensors(), path)
 
 
