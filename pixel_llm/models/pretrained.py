@@ -173,14 +173,23 @@ def fresh_init_rng(seed: int) -> jax.Array:
 
 
 def save(params: dict, out_dir: str, reports: dict[str, SourceReport], config) -> str:
-  """Writes `out_dir/params` (orbax) plus the per-source report and the config; returns the path."""
+  """Writes `out_dir/params` (orbax) plus the per-source report and the config; returns the path.
+
+  `params` is consumed (emptied) to keep host memory near one copy of the parameters.
+  """
   out_dir = os.path.abspath(out_dir)
   target = os.path.join(out_dir, PARAMS_DIR)
   if os.path.exists(target):
     raise FileExistsError(f"{target} exists: choose a new --out or delete it.")
   os.makedirs(out_dir, exist_ok=True)
+  # Orbax would copy every numpy leaf into a jax array next to it: move them one at a time
+  # instead, so the host holds the parameters about once.
+  flat = traverse_util.flatten_dict(params)
+  params.clear()
+  for k in list(flat):
+    flat[k] = jax.device_put(flat.pop(k))
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(target, params)
+  checkpointer.save(target, traverse_util.unflatten_dict(flat))
   checkpointer.wait_until_finished()
   with open(os.path.join(out_dir, REPORT), "w") as f:
     json.dump({k: dataclasses.asdict(r) for k, r in reports.items()}, f, indent=2)
