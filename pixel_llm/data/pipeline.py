@@ -18,6 +18,8 @@ import os
 import shutil
 from typing import Any, Callable, Iterator
 
+from pixel_llm.data import synthetic
+
 MODEL_KEYS = ("image", "image_mask", "prompt_boxes", "prompt_points", "prompt_point_labels",
               "prompt_text", "decoder_input_tokens", "decoder_target_tokens", "point_targets",
               "point_weights", "caption_weights")
@@ -34,8 +36,8 @@ def _synthetic_root(config) -> str:
   d = config.data
   if d.get("root"):
     return d.root
-  key = json.dumps(dict(n=d.num_train_images, v=d.num_val_images, s=d.image_size, seed=d.seed),
-                   sort_keys=True)
+  key = json.dumps(dict(n=d.num_train_images, v=d.num_val_images, s=d.image_size, seed=d.seed,
+                        generator=synthetic.VERSION), sort_keys=True)
   name = "synthetic-" + hashlib.sha1(key.encode()).hexdigest()[:10]
   base = os.environ.get("PIXEL_LLM_DATA_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "pixel_llm")
@@ -46,7 +48,6 @@ def ensure_synthetic(config) -> str:
   """Generates and builds the synthetic world once; returns its root. Crash-safe: the world is
   written to a temporary folder and renamed into place only when complete."""
   from pixel_llm.data import build
-  from pixel_llm.data import synthetic
 
   d = config.data
   root = _synthetic_root(config)

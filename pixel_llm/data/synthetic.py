@@ -4,9 +4,9 @@ r"""A synthetic Localized-Narratives world: shape scenes, spoken-style captions 
 
 Each image holds 1-4 shapes (circle, square, triangle, star, ring, diamond; seven colours; small or
 large; later shapes may occlude earlier ones) over a noisy striped background. Its narrative has one
-sentence per shape from a few templates (absolute positions such as "in the top left corner" and
-relations to the previous shape such as "to the right of it"), sometimes a sentence about the
-background. The caption is cut into timed utterances of 1-4 words spoken at 2-3 words/s, and a
+sentence per shape, large shapes first and then in reading order, from a few templates (absolute
+positions such as "in the top left corner" and relations to the previous shape such as "to the
+right of it"), sometimes a sentence about the background. The caption is cut into timed utterances of 1-4 words spoken at 2-3 words/s, and a
 simulated mouse dwells inside shape k's box while an utterance about shape k is spoken, moving
 between shapes in the pauses. Records follow the published LN schema (see the data contract);
 `make_example` also returns the ground truth the JSON does not hold: each utterance's object and
@@ -28,6 +28,9 @@ import os
 
 import numpy as np
 from PIL import Image
+
+# Part of the data cache key: bump it whenever the same (seed, image_id) would give another example.
+VERSION = 2
 from PIL import ImageDraw
 
 from pixel_llm.data import vocab as vocab_lib
@@ -113,6 +116,10 @@ def sample_scene(rng: np.random.Generator) -> tuple[tuple[SceneObject, ...], str
     box = ((cx - r, cy - r, cx + r, cy + r) if poly is None else
            (*poly.min(0).tolist(), *poly.max(0).tolist()))
     objects.append(SceneObject(shape, color, size, (cx, cy), r, tuple(float(v) for v in box)))
+  # Narration order: large shapes first, then reading order (3x3 cells), as annotators start with
+  # the most salient shape; drawing in that order leaves small shapes on top of large ones.
+  objects.sort(key=lambda o: (o.size != "large", min(int(o.center[1] * 3), 2),
+                              min(int(o.center[0] * 3), 2), o.center[0]))
   return tuple(objects), STRIPES[rng.integers(len(STRIPES))]
 
 
