@@ -13,12 +13,34 @@ a summary (counts per kind, records written) is printed at the end. Kinds that s
 `ln.RECORD_ISSUES` (no_traces records stay usable for captioning). With --strict the first problem
 of any kind stops the build with exit status 1; shards are only renamed into place on success.
 
+  python -m pixel_llm.data.build refcoco --refs 'refcoco/refs(unc).p' \
+      --instances refcoco/instances.json --images COCO/train2014 --out OUT/refcoco --split val
+  python -m pixel_llm.data.build refcoco --mdetr mdetr/finetune_refcoco_val.json \
+      --images COCO/train2014 --out OUT/refcoco --split val
+  python -m pixel_llm.data.build coco_captions --captions annotations/captions_val2017.json \
+      --images COCO/val2017 --out OUT/coco --split val
+  python -m pixel_llm.data.build coco_captions --karpathy dataset_coco.json \
+      --images COCO/train2017 COCO/val2017 --out OUT/karpathy --split test
+
+write OUT/{refcoco,coco_captions}_{split}.tfrecord-*: one example per referred object with all its
+expressions (`refcoco_example`), or per image with all its captions (`coco_captions_example`).
+One example per object rather than per expression stores the image and mask once for the ~3
+expressions of an object; training picks or unrolls expressions, evaluation unrolls them.
+--images takes several directories; an image is looked up by the annotation's file name (also
+under Karpathy's filepath) and then as COCO 2017's {image_id:012d}.jpg, in each directory in turn.
+RefCOCO splits: train, val, testA, testB (UNC), test (UMD); Karpathy: train (with restval, the
+usual 113k-image train set), val, test, restval. Whole-file problems (missing or malformed JSON,
+an unsafe or unreadable pickle, an unknown --split) stop the build with exit status 1, --strict
+or not; record problems are those of `refcoco.py` / `coco_captions.py`, plus missing_image,
+bad_image and (RefCOCO) size_mismatch: the image's size differs from the annotation file's.
+
 Adding a dataset: write `_add_<name>_args(parser)` and `_build_<name>(args, problems, writer,
 progress)` and list them in `SUBCOMMANDS`; the output, strictness and reporting code is shared.
 """
 import argparse
 import dataclasses
 import glob
+import io
 import logging
 import os
 import sys
@@ -27,7 +49,9 @@ from collections import Counter
 
 from PIL import Image
 
+from pixel_llm.data import coco_captions
 from pixel_llm.data import ln
+from pixel_llm.data import refcoco
 
 _LOG = logging.getLogger("pixel_llm.data.build")
 
@@ -207,10 +231,171 @@ def _build_ln(args, problems: Problems, writer: ShardedWriter, progress: Progres
         writer.write(ln_example(rec, f.read(), entry[1], entry[2]))
 
 
+# -- shared by RefCOCO and COCO captions ---------------------------------------------------------
+
+_KEPT_TEXT = {"empty_sentence": "{n} empty sentence(s) dropped",
+              "empty_mask": "the mask has no pixel; the box is still usable"}
+
+
+def _checked_image(cache: dict, dirs: list[str], image_id: int, names: tuple[str, ...]):
+  """(path, width, height) of the image, or (problem kind, message); checked once per image id."""
+  if image_id not in cache:
+    path = coco_captions.find_file(dirs, names)
+    if path is None:
+      cache[image_id] = ("missing_image", f"no image {image_id} in {', '.join(dirs)} "
+                                          f"(tried {', '.join(names)})")
+    else:
+      try:
+        cache[image_id] = (path, *check_image(path))
+      except (OSError, ValueError, SyntaxError) as e:
+        cache[image_id] = ("bad_image", f"{path} does not decode: {e}")
+  return cache[image_id]
+
+
+def _check_dirs(dirs: list[str]) -> None:
+  for d in dirs:
+    if not os.path.isdir(d):
+      raise BuildError(f"--images {d!r} is not a directory")
+
+
+def _feature(kind: str, values):
+  import tensorflow as tf
+  f = tf.train.Feature
+  if kind == "bytes":
+    return f(bytes_list=tf.train.BytesList(value=list(values)))
+  if kind == "int":
+    return f(int64_list=tf.train.Int64List(value=list(values)))
+  return f(float_list=tf.train.FloatList(value=list(values)))
+
+
+def _image_features(image_id: int, image_bytes: bytes, width: int, height: int) -> dict:
+  return {"image/encoded": _feature("bytes", [image_bytes]),
+          "image/id": _feature("bytes", [str(image_id).encode()]),
+          "image/width": _feature("int", [width]), "image/height": _feature("int", [height])}
+
+
+def _write_records(items, args, problems: Problems, writer: ShardedWriter, progress: Progress,
+                   make_example, sizes_must_match: bool) -> None:
+  """Reports the reader's Problems, finds and checks each record's image, writes the rest."""
+  cache = {}
+  try:
+    for item in items:
+      progress.tick(writer.written)
+      if isinstance(item, coco_captions.Problem):
+        problems.report(item.kind, item.where, item.message, kept=item.kept)
+        continue
+      entry = _checked_image(cache, args.images, item.image_id, item.file_names)
+      if len(entry) == 2:
+        problems.report(entry[0], item.where, entry[1], kept=False)
+        continue
+      path, width, height = entry
+      if sizes_must_match and (width, height) != (item.width, item.height):
+        problems.report("size_mismatch", item.where, f"{path} is {width}x{height}, the "
+                        f"annotations say {item.width}x{item.height}", kept=False)
+        continue
+      for kind, n in sorted(getattr(item, "issues", {}).items()):
+        problems.report(kind, item.where, _KEPT_TEXT[kind].format(n=n), kept=True, count=n)
+      with open(path, "rb") as f:
+        writer.write(make_example(item, f.read(), width, height))
+  except coco_captions.FileError as e:
+    raise BuildError(str(e)) from None
+
+
+# -- RefCOCO / RefCOCO+ / RefCOCOg ----------------------------------------------------------------
+
+def _png(mask) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(mask).convert("1").save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def refcoco_example(rec: refcoco.RefRecord, image_bytes: bytes, width: int, height: int):
+  """tf.train.Example of one referred object (`refcoco.feature_description`). mask: 1-bit PNG at
+  image size (tf.io.decode_png gives uint8[H, W, 1] in {0, 255}); empty when the source has none."""
+  import tensorflow as tf
+  feats = _image_features(rec.image_id, image_bytes, width, height)
+  feats.update({
+      "ref/id": _feature("int", [rec.ref_id]), "ann/id": _feature("int", [rec.ann_id]),
+      "category/id": _feature("int", [rec.category_id]),
+      "split": _feature("bytes", [rec.split.encode()]), "box": _feature("float", rec.box),
+      "mask": _feature("bytes", [b"" if rec.mask is None else _png(rec.mask)]),
+      "expression/raw": _feature("bytes", [t.encode("utf-8") for t in rec.raw]),
+      "expression/sent": _feature("bytes", [t.encode("utf-8") for t in rec.sents]),
+      "expression/id": _feature("int", rec.sent_ids)})
+  return tf.train.Example(features=tf.train.Features(feature=feats))
+
+
+def _add_refcoco_args(p: argparse.ArgumentParser) -> None:
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--refs", help="refs(unc).p / refs(umd).p / refs(google).p (with --instances)")
+  src.add_argument("--mdetr", help="MDETR-style refexp json of one split (instead of --refs)")
+  p.add_argument("--instances", help="COCO instances.json of the refs file")
+  p.add_argument("--images", required=True, nargs="+", help="image directories (COCO train2014 "
+                                                            "and/or train2017)")
+
+
+def _build_refcoco(args, problems: Problems, writer: ShardedWriter, progress: Progress) -> None:
+  try:
+    refcoco.check_split(args.split)
+  except ValueError as e:
+    raise BuildError(f"--split: {e}") from None
+  _check_dirs(args.images)
+  seen = Counter()
+  if args.mdetr:
+    items = refcoco.read_mdetr(args.mdetr, args.split)
+  elif not args.instances:
+    raise BuildError("--refs needs --instances (the COCO instances.json of the refs)")
+  else:
+    items = refcoco.read_refcoco(args.refs, args.instances, args.split, seen)
+  _write_records(items, args, problems, writer, progress, refcoco_example, sizes_must_match=True)
+  if args.refs and not seen[args.split]:
+    _LOG.warning("%s has no ref of split %r (refs per split: %s)", args.refs, args.split,
+                 dict(seen) or "none")
+
+
+# -- COCO captions --------------------------------------------------------------------------------
+
+def coco_captions_example(rec: coco_captions.CaptionRecord, image_bytes: bytes, width: int,
+                          height: int):
+  """tf.train.Example of one image and all its captions (`coco_captions.feature_description`)."""
+  import tensorflow as tf
+  feats = _image_features(rec.image_id, image_bytes, width, height)
+  feats.update({"captions": _feature("bytes", [c.encode("utf-8") for c in rec.captions]),
+                "caption/id": _feature("int", rec.caption_ids),
+                "split": _feature("bytes", [rec.split.encode()])})
+  return tf.train.Example(features=tf.train.Features(feature=feats))
+
+
+def _add_coco_captions_args(p: argparse.ArgumentParser) -> None:
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--captions", help="captions_{train,val}2017.json (--split names the output)")
+  src.add_argument("--karpathy", help="Karpathy's dataset_coco.json (--split picks the images)")
+  p.add_argument("--images", required=True, nargs="+", help="image directories")
+
+
+def _build_coco_captions(args, problems: Problems, writer: ShardedWriter,
+                         progress: Progress) -> None:
+  _check_dirs(args.images)
+  if args.karpathy:
+    if args.split not in coco_captions.KARPATHY_SPLITS:
+      raise BuildError(f"--split: unknown Karpathy split {args.split!r}; valid splits: "
+                       f"{', '.join(coco_captions.KARPATHY_SPLITS)} (train includes restval)")
+    splits = ("train", "restval") if args.split == "train" else (args.split,)
+    items = coco_captions.read_karpathy(args.karpathy, splits)
+  else:
+    items = coco_captions.read_coco_captions(args.captions, args.split)
+  _write_records(items, args, problems, writer, progress, coco_captions_example,
+                 sizes_must_match=False)
+
+
 # name -> (help, add_args, build); the build gets the parsed args, a Problems, a ShardedWriter
 # named "{name}_{split}" and a Progress.
 SUBCOMMANDS = {
     "ln": ("Localized Narratives JSON lines + COCO images", _add_ln_args, _build_ln),
+    "refcoco": ("RefCOCO/RefCOCO+/RefCOCOg refs(*).p + instances.json, or MDETR json",
+                _add_refcoco_args, _build_refcoco),
+    "coco_captions": ("COCO captions_*.json or Karpathy dataset_coco.json",
+                      _add_coco_captions_args, _build_coco_captions),
 }
 
 

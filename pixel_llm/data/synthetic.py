@@ -1,6 +1,7 @@
 r"""A synthetic Localized-Narratives world: shape scenes, spoken-style captions and mouse traces.
 
   python -m pixel_llm.data.synthetic --out /tmp/synth --num_images 2000 --seed 0 --split both
+      [--formats ln,refcoco,coco_captions]   (other formats than LN: see `synthetic_formats`)
 
 Each image holds 1-4 shapes (circle, square, triangle, star, ring, diamond; seven colours; small or
 large; later shapes may occlude earlier ones) over a noisy striped background. Its narrative has one
@@ -324,12 +325,13 @@ def annotation_path(out_dir: str, split: str) -> str:
 
 def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128,
              split: str = "train", start_id: int | None = None,
-             write_vocab: bool | None = None) -> list[dict]:
+             write_vocab: bool | None = None, on_example=None) -> list[dict]:
   """Writes `num_images` images + one LN JSONL file for `split`; returns the records.
 
   Image ids are `start_id, start_id + 1, ...` (default TRAIN_START_ID or VAL_START_ID). The
   SentencePiece model (DIR/spiece.model) is trained on the captions + TASK_PROMPTS when
-  `write_vocab` (default: for the train split).
+  `write_vocab` (default: for the train split). `on_example(example)` sees each `Example` (the
+  other formats of `synthetic_formats` are written from them).
   """
   if split not in ("train", "val"):
     raise ValueError(f"split must be train or val, got {split!r}")
@@ -345,23 +347,42 @@ def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128,
         img.write(ex.jpeg)
       f.write(json.dumps(ex.record) + "\n")
       records.append(ex.record)
+      if on_example is not None:
+        on_example(ex)
   if write_vocab or (write_vocab is None and split == "train"):
     vocab_lib.train_spm([r["caption"] for r in records] + list(TASK_PROMPTS),
                         os.path.join(out_dir, "spiece"), vocab_size=VOCAB_SIZE)
   return records
 
 
+FORMATS = ("ln", "refcoco", "coco_captions")
+
+
 def main(argv):
   del argv
+  from absl import app
   from absl import flags
   f = flags.FLAGS
+  unknown = sorted(set(f.formats) - set(FORMATS))
+  if unknown:
+    raise app.UsageError(f"unknown --formats {unknown}; valid: {', '.join(FORMATS)}")
   counts = {"train": f.num_images} if f.split == "train" else {"val": f.num_images}
   if f.split == "both":
     counts = {"train": f.num_images,
               "val": max(1, f.num_images // 10) if f.val_images is None else f.val_images}
+  examples = []
+  extra = set(f.formats) - {"ln"}
   for split, n in counts.items():
-    generate(f.out, n, f.seed, f.image_size, split)
+    generate(f.out, n, f.seed, f.image_size, split, on_example=examples.append if extra else None)
     print(f"wrote {n} {split} images to {f.out}")
+  if extra:
+    from pixel_llm.data import synthetic_formats
+    if "refcoco" in extra:
+      out = synthetic_formats.write_refcoco(f.out, examples, f.seed)
+      print(f"wrote {out['num_refs']} refs to {out['refs']} and {out['instances']}")
+    if "coco_captions" in extra:
+      for path in synthetic_formats.write_coco_captions(f.out, examples, f.seed):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
@@ -373,4 +394,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("image_size", 128, "Side of the square images, in pixels.")
   flags.DEFINE_enum("split", "train", ["train", "val", "both"], "Split(s) to write.")
   flags.DEFINE_integer("val_images", None, "Val images with --split=both (default num_images/10).")
+  flags.DEFINE_list("formats", ["ln"], "Annotation formats: ln (always written, with the images), "
+                    "refcoco, coco_captions (see synthetic_formats).")
   app.run(main)
