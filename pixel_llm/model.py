@@ -3,7 +3,8 @@
 The train, eval and infer binaries talk only to `PixelLLMModel`:
   init_variables(rng, batch)           -> variables (boxed with logical axis names)
   loss_fn(params, batch, rng, train)   -> (loss, metrics)
-  predict_batch(params, batch, ...)    -> greedy tokens and one location per generated token
+  predict_batch(params, batch, ...)    -> tokens (greedy / beam / sampled, KV-cached) and one
+                                          location per generated token
   score_batch(params, batch)           -> summed log-likelihood of each target
 
 Batch features (B images, R prompts per image, T decoder length, C prompt-text length, K points):
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pixel_llm import decode
 from pixel_llm import losses
 from pixel_llm.models.pixel_llm import PixelLLM
 
@@ -108,46 +110,29 @@ class PixelLLMModel:
     tok = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
     return (tok * (targets > 0)).sum(-1)
 
-  def predict_batch(self, params, batch: dict[str, Any], *, max_decode_len: int) -> dict[str, Any]:
-    """Greedy captioning with a location per generated token (no KV cache yet: each step re-runs
-    the decoder over the whole buffer; the image towers and T5 encoder run once).
+  def predict_batch(self, params, batch: dict[str, Any], *, max_decode_len: int,
+                    method: str = "greedy", beam_size: int = 4, length_penalty: float = 0.6,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    rng: jax.Array | None = None, no_repeat: bool = False) -> dict[str, Any]:
+    """Captioning with a location per generated token, on a KV cache (`pixel_llm.decode`).
+
+    method: "greedy", "beam" (beam_size beams, t5x brevity penalty ((5 + len) / 6) **
+    length_penalty) or "sample" (temperature, top_k (0 = off), top_p (1 = off), rng); no_repeat
+    forbids emitting the token just fed. The image towers run once per image, the T5 encoder once
+    per prompt. Settings other than params/batch/rng are static (Python values).
 
     Returns {"tokens": int32[B, R, L], "points": float32[B, R, L, K, 2], "scores": float32[B, R]}:
-    tokens after the first EOS are 0, and points[t] is the location of tokens[t].
+    tokens after the first EOS are 0 (their points too), and points[t] is the location of
+    tokens[t]. Scores: summed log-probability (beam: divided by the brevity penalty).
     """
-    net = self.network
-    variables = {"params": params}
-    r = batch["decoder_input_tokens"].shape[1] if "decoder_input_tokens" in batch else 1
-    b = batch["image"].shape[0]
-    kw = self._prompt_kwargs(batch)
+    return decode.generate(self.network, params, batch, max_decode_len=max_decode_len,
+                           method=method, beam_size=beam_size, length_penalty=length_penalty,
+                           temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
+                           no_repeat=no_repeat)
 
-    def encode(mdl):
-      feats = mdl.encode_image(batch["image"], kw.get("image_mask"))
-      visual = mdl.encode_prompts(feats, boxes=kw.get("prompt_boxes"), points=kw.get("prompt_points"),
-                                  point_labels=kw.get("prompt_point_labels"), num_prompts=r)
-      return mdl.encode_prefix(visual, kw.get("prompt_text"))
-
-    encoded, enc_mask = net.apply(variables, method=encode)
-    n = encoded.shape[0]
-    length = max_decode_len + 1  # + BOS
-
-    def step(i, state):
-      buf, done, score = state
-      logits, _, _ = net.apply(variables, encoded, enc_mask, buf, method=net.decode)
-      logp = jax.nn.log_softmax(logits[:, i].astype(jnp.float32), -1)
-      nxt = jnp.where(done, 0, logp.argmax(-1))
-      score = score + jnp.where(done, 0.0, logp.max(-1))
-      buf = buf.at[:, i + 1].set(nxt)
-      return buf, done | (nxt == EOS_ID), score
-
-    buf = jnp.zeros((n, length), jnp.int32)
-    state = (buf, jnp.zeros((n,), bool), jnp.zeros((n,), jnp.float32))
-    buf, _, score = jax.lax.fori_loop(0, max_decode_len, step, state)
-    # One more pass with the generated tokens as inputs: the location of token t is read where t
-    # is the decoder input (see models/pixel_llm.py).
-    _, _, points = net.apply(variables, encoded, enc_mask, buf, method=net.decode)
-    tokens = buf[:, 1:]
-    points = points[:, 1:]
-    return {"tokens": tokens.reshape(b, r, -1),
-            "points": points.reshape(b, r, *points.shape[1:]),
-            "scores": score.reshape(b, r)}
+  def predict_batch_uncached(self, params, batch: dict[str, Any], *, max_decode_len: int,
+                             no_repeat: bool = False) -> dict[str, Any]:
+    """Greedy `predict_batch` without a KV cache: the decoder re-runs over the whole buffer at each
+    step. Slow; the reference the cached path is tested against."""
+    return decode.generate_uncached(self.network, params, batch, max_decode_len=max_decode_len,
+                                    no_repeat=no_repeat)

@@ -169,6 +169,18 @@ class PixelLLM(nn.Module):
     points, _ = self.location_head(hidden)
     return logits, hidden, points
 
+  def init_cache(self, encoded: jax.Array, encoder_mask: jax.Array, max_length: int) -> None:
+    """Creates the decoder's KV cache (apply with `mutable=["cache"]`); see `T5.init_cache`."""
+    self.t5.init_cache(encoded, encoder_mask, max_length)
+
+  def decode_step(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Cached `decode` of the next S tokens (apply with `mutable=["cache"]`). tokens: int32[N, S]
+    -> (logits float32[N, S, V], hidden float[N, S, D], points float32[N, S, K, 2]); the points at
+    s are the location of tokens[:, s], the logits predict the token after it."""
+    logits, hidden = self.t5.decode_step(tokens)
+    points, _ = self.location_head(hidden)
+    return logits, hidden, points
+
   def __call__(self, image: jax.Array, decoder_input_tokens: jax.Array, *,
                prompt_boxes: jax.Array | None = None, prompt_points: jax.Array | None = None,
                prompt_point_labels: jax.Array | None = None, prompt_text: jax.Array | None = None,

@@ -12,6 +12,19 @@ rename plus a kernel transpose:
   {encoder,decoder}/final_layer_norm, lm_head          (D, vocab)
   LoRA adds `lora_a` (Din, r) and `lora_b` (r, Dout) next to a targeted projection's `kernel`.
 
+Cached decoding (apply with `mutable=["cache"]`): `T5.init_cache(encoded, encoder_mask,
+max_length)` creates a "cache" collection (projected cross-attention keys/values and the encoder
+mask, computed once; zeroed self-attention key/value buffers of `max_length` positions; a write
+index), then each `T5.decode_step(tokens)` feeds S >= 1 new tokens at the index and returns
+their logits and hidden states, equal to the teacher-forced `decode` at those positions. Layout:
+
+  decoder/index                                          int32[] (next position to write)
+  decoder/{encoder_mask, decoder_mask}                   bool[B, L], bool[B, T] (written keys)
+  decoder/block_{i}/layer_0/SelfAttention/cached_{key,value}    [B, N, T, Dh]
+  decoder/block_{i}/layer_1/EncDecAttention/cached_{key,value}  [B, N, L, Dh]
+
+`map_cache` applies a function to every per-sequence cache array (beam search reorders them).
+
 `load(init_params, path)` reads HF checkpoints (safetensors, sharded or `pytorch_model.bin`) into
 that tree; `hf_key_to_flax` is its key mapping, and models/manifests/flan_t5_*.json list the
 published checkpoints' keys and shapes.
@@ -159,11 +172,14 @@ class Attention(nn.Module):
   """T5 multi-head attention: no biases, no 1/sqrt(Dh) logit scale (it lives in the q init).
 
   x: [B, Tq, D], kv: [B, Tk, D], bias: float32[1|B, N, Tq, Tk], mask: bool[B|1, 1|N, Tq, Tk].
-  Returns [B, Tq, D]. k/v are projected separately from q so a KV cache can slot in after them.
+  Returns [B, Tq, D]. With `decode`, self-attention writes the new keys/values into its cache at
+  `cache_index` and attends over all `max_length` cached positions (bias/mask cover them all);
+  cross-attention projects `kv` into its cache when given (init) and reads the cache otherwise.
   """
 
   config: T5Config
   lora_projections: tuple[str, ...] = ()
+  cross: bool = False
 
   def _proj(self, name: str, features: int, axes, init) -> LoraDense:
     cfg = self.config
@@ -171,9 +187,31 @@ class Attention(nn.Module):
     return LoraDense(features, axes, rank=rank, scale=cfg.lora_scale, kernel_init=init,
                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
+  def _cached_kv(self, x, kv, heads, k_proj, v_proj, cache_index, max_length):
+    if self.cross:  # Encoder keys/values: projected once per sequence, at init_cache.
+      if kv is not None:
+        self.put_variable("cache", "cached_key", heads(k_proj(kv)))
+        self.put_variable("cache", "cached_value", heads(v_proj(kv)))
+      elif not self.has_variable("cache", "cached_key"):
+        raise ValueError("No decoding cache: run T5.init_cache (mutable=['cache']) first.")
+      return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+    k_new, v_new = heads(k_proj(x)), heads(v_proj(x))
+    if max_length is None and not self.has_variable("cache", "cached_key"):
+      raise ValueError("No decoding cache: run T5.init_cache (mutable=['cache']) first.")
+    shape = k_new.shape[:2] + (max_length, k_new.shape[3])
+    out = []
+    for name, new in (("cached_key", k_new), ("cached_value", v_new)):
+      var = self.variable("cache", name, jnp.zeros, shape, new.dtype)
+      var.value = jax.lax.dynamic_update_slice(var.value, new.astype(var.value.dtype),
+                                               (0, 0, cache_index, 0))
+      out.append(var.value)
+    return tuple(out)
+
   @nn.compact
-  def __call__(self, x: jax.Array, kv: jax.Array, *, bias: jax.Array | None,
-               mask: jax.Array | None, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, kv: jax.Array | None, *, bias: jax.Array | None,
+               mask: jax.Array | None, train: bool = False, decode: bool = False,
+               cache_index: jax.Array | None = None,
+               max_length: int | None = None) -> jax.Array:
     cfg = self.config
     inner = cfg.num_heads * cfg.d_kv
     init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
@@ -185,8 +223,12 @@ class Attention(nn.Module):
       return t.reshape(t.shape[:-1] + (cfg.num_heads, cfg.d_kv)).swapaxes(-2, -3)
 
     q = heads(self._proj("q", inner, ("embed", "heads"), q_init)(x))
-    k = heads(self._proj("k", inner, ("embed", "heads"), init)(kv))
-    v = heads(self._proj("v", inner, ("embed", "heads"), init)(kv))
+    k_proj = self._proj("k", inner, ("embed", "heads"), init)
+    v_proj = self._proj("v", inner, ("embed", "heads"), init)
+    if decode:
+      k, v = self._cached_kv(x, kv, heads, k_proj, v_proj, cache_index, max_length)
+    else:
+      k, v = heads(k_proj(kv)), heads(v_proj(kv))
     logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)
     if bias is not None:
       logits = logits + bias
@@ -224,15 +266,17 @@ class SubLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, kv: jax.Array | None = None, bias: jax.Array | None = None,
-               mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+               mask: jax.Array | None = None, train: bool = False, **cache_kw) -> jax.Array:
     cfg = self.config
     h = RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="layer_norm")(x)
     if self.kind == "ff":
       h = GatedMlp(cfg, name="DenseReluDense")(h, train=train)
     else:
-      name = "SelfAttention" if self.kind == "self" else "EncDecAttention"
-      h = Attention(cfg, self.lora_projections, name=name)(
-          h, h if kv is None else kv, bias=bias, mask=mask, train=train)
+      cross = self.kind == "cross"
+      name = "EncDecAttention" if cross else "SelfAttention"
+      # A cached cross-attention step gets kv=None: its keys/values come from the cache.
+      h = Attention(cfg, self.lora_projections, cross, name=name)(
+          h, kv if cross else h, bias=bias, mask=mask, train=train, **cache_kw)
     return x + _dropout(h, cfg.dropout_rate, train)
 
 
@@ -245,14 +289,15 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, bias: jax.Array, mask: jax.Array,
                encoded: jax.Array | None = None, encoder_mask: jax.Array | None = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False, **cache_kw) -> jax.Array:
+    """cache_kw: `decode`, `cache_index`, `max_length` of a cached decoder step (see Attention)."""
     cfg = self.config
     stack = "decoder" if self.is_decoder else "encoder"
     x = SubLayer(cfg, "self", cfg.lora_projections(stack, "self"), name="layer_0")(
-        x, bias=bias, mask=mask, train=train)
+        x, bias=bias, mask=mask, train=train, **cache_kw)
     if self.is_decoder:
       x = SubLayer(cfg, "cross", cfg.lora_projections(stack, "cross"), name="layer_1")(
-          x, kv=encoded, mask=encoder_mask, train=train)
+          x, kv=encoded, mask=encoder_mask, train=train, **cache_kw)
     return SubLayer(cfg, "ff", name=f"layer_{2 if self.is_decoder else 1}")(x, train=train)
 
 
@@ -261,29 +306,64 @@ class Stack(nn.Module):
 
   x: [B, T, D], mask: bool[B, T] (valid positions); for the decoder also encoded: [B, L, D] and
   encoder_mask: bool[B, L]. The relative-position bias is computed once and shared by all blocks.
+
+  `decode=True` (decoder only) is one cached step: x: [B, S, D] are the S new positions starting at
+  the cache index, `mask` is ignored, and `encoded`/`encoder_mask`/`max_length` are given only by
+  `T5.init_cache` (with S = 0) to create the cache.
   """
 
   config: T5Config
   is_decoder: bool
 
+  def _decode_masks(self, x, encoder_mask, max_length):
+    """Creates/advances the step state -> (key length T, self mask bool[B, 1, S, T],
+    encoder mask bool[B, 1, 1, L], index of the first new query) for S new queries."""
+    b, s = x.shape[:2]
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if max_length is not None:
+      self.put_variable("cache", "encoder_mask", encoder_mask)
+    elif not self.has_variable("cache", "encoder_mask"):
+      raise ValueError("No decoding cache: run T5.init_cache (mutable=['cache']) first.")
+    written = self.variable("cache", "decoder_mask", jnp.zeros, (b, max_length), bool)
+    i = index.value
+    written.value = jax.lax.dynamic_update_slice(written.value, jnp.ones((b, s), bool), (0, i))
+    index.value = i + s
+    t = written.value.shape[1]
+    query_pos = jnp.arange(s) + i
+    causal = jnp.arange(t)[None, :] <= query_pos[:, None]  # [S, T]
+    self_mask = written.value[:, None, None, :] & causal[None, None]
+    return t, self_mask, self.get_variable("cache", "encoder_mask")[:, None, None, :], i
+
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, *, encoded: jax.Array | None = None,
-               encoder_mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None, *, encoded: jax.Array | None = None,
+               encoder_mask: jax.Array | None = None, train: bool = False, decode: bool = False,
+               max_length: int | None = None) -> jax.Array:
     cfg = self.config
     t = x.shape[1]
-    bias = RelativePositionBias(cfg.num_heads, not self.is_decoder,
-                                cfg.relative_attention_num_buckets,
-                                cfg.relative_attention_max_distance, cfg.param_dtype,
-                                name="relative_attention_bias")(t, t)
-    self_mask = mask[:, None, None, :]
-    if self.is_decoder:
-      self_mask = self_mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
-      encoder_mask = encoder_mask[:, None, None, :]
+    relpos = RelativePositionBias(cfg.num_heads, not self.is_decoder,
+                                  cfg.relative_attention_num_buckets,
+                                  cfg.relative_attention_max_distance, cfg.param_dtype,
+                                  name="relative_attention_bias")
+    cache_kw = {}
+    if decode:
+      if not self.is_decoder or train:
+        raise ValueError("Cached decoding is for the decoder stack at inference only.")
+      k_len, self_mask, encoder_mask, index = self._decode_masks(x, encoder_mask, max_length)
+      # The bias of the new queries' absolute positions against every cached key position.
+      bias = relpos(t, k_len, q_offset=index)
+      cache_kw = dict(decode=True, cache_index=index, max_length=max_length)
+    else:
+      bias = relpos(t, t)
+      self_mask = mask[:, None, None, :]
+      if self.is_decoder:
+        self_mask = self_mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
+        encoder_mask = encoder_mask[:, None, None, :]
     x = _dropout(x, cfg.dropout_rate, train)
     layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
     for i in range(layers):  # A scan over identical blocks can replace this loop later.
       x = Block(cfg, self.is_decoder, name=f"block_{i}")(
-          x, bias=bias, mask=self_mask, encoded=encoded, encoder_mask=encoder_mask, train=train)
+          x, bias=bias, mask=self_mask, encoded=encoded, encoder_mask=encoder_mask, train=train,
+          **cache_kw)
     return RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_layer_norm")(x)
 
 
@@ -332,6 +412,26 @@ class T5(nn.Module):
     logits = self.lm_head(self.dropout(hidden, deterministic=not train))
     return logits, hidden
 
+  def init_cache(self, encoded: jax.Array, encoder_mask: jax.Array, max_length: int) -> None:
+    """Creates the decoding cache; apply with `mutable=["cache"]` and keep `["cache"]`.
+
+    encoded: float[B, L, D], encoder_mask: bool[B, L]; max_length: T, the number of decoder
+    positions (BOS included) the cache holds. Cross-attention keys/values are projected here, once.
+    """
+    no_tokens = jnp.zeros((encoded.shape[0], 0), jnp.int32)  # the stack creates, feeds nothing
+    self.decoder(self.embed(no_tokens), None, encoded=encoded, encoder_mask=encoder_mask,
+                 decode=True, max_length=max_length)
+
+  def decode_step(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cached decoder step; apply with {"params", "cache"} and `mutable=["cache"]`.
+
+    tokens: int32[B, S], the decoder inputs at positions index..index+S-1 (first call: BOS). Returns
+    (logits float32[B, S, V], hidden float[B, S, D]) as `decode` gives at those positions; the
+    cache index advances by S. Writing past `max_length` is not checked (positions are clamped).
+    """
+    hidden = self.decoder(self.embed(tokens), None, decode=True)
+    return self.lm_head(hidden), hidden
+
   def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array, *,
                train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Plain seq2seq: tokens int32[B, L], int32[B, T] (pad id 0 masks encoder positions).
@@ -347,6 +447,22 @@ class T5(nn.Module):
 def Model(variant: str = "xl", **overrides) -> T5:  # pylint: disable=invalid-name
   """T5 network for a preset name, e.g. `Model("xl", lora_rank=32)`."""
   return T5(T5Config.preset(variant, **overrides))
+
+
+# Cache entries fixed for a sequence's lifetime; the beams of one prompt share them.
+STATIC_CACHE_NAMES = ("EncDecAttention", "encoder_mask")
+
+
+def map_cache(fn, cache: Any, *, dynamic_only: bool = False) -> Any:
+  """Applies fn to every batch-major array ([B, ...]) of a decoding cache (any tree holding T5
+  caches); the shared scalar `index` is left as is, and with `dynamic_only` so are the entries in
+  STATIC_CACHE_NAMES (a beam reorder within each prompt does not change them)."""
+  def apply(path, x):
+    keys = [str(getattr(p, "key", p)) for p in path]
+    if x.ndim == 0 or (dynamic_only and any(k in STATIC_CACHE_NAMES for k in keys)):
+      return x
+    return fn(x)
+  return jax.tree_util.tree_map_with_path(apply, cache)
 
 
 # ---------------------------------------------------------------- Hugging Face checkpoints
