@@ -1,0 +1,149 @@
+r"""Captions (or locates in) a set of images with a trained PixelLLM; writes JSON lines and pictures.
+
+  python -m pixel_llm.infer --checkpoint=workdirs/ln_toy --images='photos/*.jpg' --out=/tmp/pred
+  python -m pixel_llm.infer ... --box=10,20,200,180     # caption that region (pixels of each image)
+  python -m pixel_llm.infer ... --point=120,64          # caption around that point
+  python -m pixel_llm.infer ... --query='the red ball'  # locate the expression
+  python -m pixel_llm.infer ... --method=beam [--beam_size=4] [--step=N] [--max_len=N]
+
+OUT/predictions.jsonl, one line per image:
+  {"image": path, "text": ..., "words": [{"word", "box": [x0, y0, x1, y1]}], "score": ...}
+  (with --box/--point also "prompt"; with --query {"image", "query", "box"} instead), locations in
+  pixels of the original image; and OUT/<image name>.png: the image with each word's location in
+  its colour (the training visualisation's renderer, `pixel_llm/visualize.py`).
+
+An image that cannot be read, or a box/point outside it, is reported on stderr and skipped (no line,
+no picture); the others are still written and the exit status is 1. Bad flags or a checkpoint that
+does not fit its config: a message and exit status 2, nothing written.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def _numbers(text: str, n: int, flag: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if len(values) != n:
+    raise argparse.ArgumentTypeError(f"--{flag} needs {n} comma-separated numbers, got {text!r}")
+  return values
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m pixel_llm.infer", description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint", required=True,
+                 help="A trainer workdir, one of its checkpoints/<step>/ or a converted checkpoint.")
+  p.add_argument("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
+  p.add_argument("--images", required=True, help="A glob of image files.")
+  p.add_argument("--out", required=True, help="Output folder.")
+  where = p.add_mutually_exclusive_group()
+  where.add_argument("--box", type=lambda s: _numbers(s, 4, "box"), default=None,
+                     help="x0,y0,x1,y1 in pixels: caption that region.")
+  where.add_argument("--point", type=lambda s: _numbers(s, 2, "point"), default=None,
+                     help="x,y in pixels: caption around that point.")
+  where.add_argument("--query", default=None, help="Locate this expression instead of captioning.")
+  p.add_argument("--method", choices=("greedy", "beam"), default="greedy")
+  p.add_argument("--beam_size", type=int, default=4)
+  p.add_argument("--max_len", type=int, default=None)
+  p.add_argument("--batch_size", type=int, default=8)
+  return p
+
+
+def _png_name(path: str, used: set) -> str:
+  stem = os.path.splitext(os.path.basename(path))[0] or "image"
+  name, i = stem, 1
+  while name in used:
+    name, i = f"{stem}_{i}", i + 1
+  used.add(name)
+  return name + ".png"
+
+
+def _picture_scale(image) -> int:
+  """Integer upscaling to show a model-sized image at about 512 px."""
+  return max(1, 512 // max(image.nh, image.nw))
+
+
+def run(args) -> int:
+  from pixel_llm import api
+  from pixel_llm import visualize
+
+  paths = sorted(glob.glob(args.images))
+  if not paths:
+    print(f"error: no image matches --images={args.images!r}", file=sys.stderr)
+    return 2
+  if args.query is not None and not args.query.strip():
+    print("error: --query is empty", file=sys.stderr)
+    return 2
+  try:
+    model = api.load(args.checkpoint, args.step, batch_size=args.batch_size)
+  except (OSError, ValueError) as e:
+    print(f"error: cannot load --checkpoint={args.checkpoint}: {e}", file=sys.stderr)
+    return 2
+  try:
+    query_ids = model._query_ids(args.query) if args.query is not None else None
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  # Read and check every image first: a bad one is reported and gets nothing written.
+  good, failed = [], 0
+  for path in paths:
+    try:
+      image = api._Image(path, model.image_size, path)
+      if args.box is not None:
+        api._check_box(args.box, image)
+      if args.point is not None:
+        api._check_point(args.point, image)
+      good.append(image)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      failed += 1
+
+  os.makedirs(args.out, exist_ok=True)
+  used = set()
+  with open(os.path.join(args.out, "predictions.jsonl"), "w") as f:
+    if args.query is not None:
+      for image in good:
+        box = model._locate_image(image, query_ids)
+        record = {"image": image.name, "query": args.query,
+                  ("box" if len(box) == 4 else "point"): box}
+        f.write(json.dumps(record) + "\n")
+        xy = np.asarray(box, np.float32).reshape(-1, 2) / np.array([image.w, image.h])
+        visualize.save_caption_png(os.path.join(args.out, _png_name(image.name, used)),
+                                   image.content, [args.query], xy[None],
+                                   scale=_picture_scale(image), title=image.name)
+    else:
+      results = model._caption(good, box=args.box, point=args.point, method=args.method,
+                               beam_size=args.beam_size, max_len=args.max_len, prompt=None)
+      for image, result in zip(good, results):
+        points = result.pop("_points")
+        record = {"image": image.name, **result}
+        if args.box is not None or args.point is not None:
+          record["prompt"] = ({"box": list(args.box)} if args.box is not None
+                              else {"point": list(args.point)})
+        f.write(json.dumps(record) + "\n")
+        words = [w["word"] for w in result["words"]]
+        visualize.save_caption_png(os.path.join(args.out, _png_name(image.name, used)),
+                                   image.content, words, image.to_content(points),
+                                   scale=_picture_scale(image), title=image.name)
+  print(f"Wrote {len(good)} predictions to {os.path.join(args.out, 'predictions.jsonl')}"
+        + (f"; {failed} image(s) failed" if failed else ""))
+  return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+  try:
+    args = _parser().parse_args(argv)
+  except SystemExit as e:  # argparse already printed the message
+    return int(e.code or 0)
+  return run(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
