@@ -56,6 +56,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input = dict(num_prompts=1, max_context_len=8, max_target_len=128 if not a.toy else 64)
 
   c.seed = 0
+  # --- Sharded training (pixel_llm/train.py, pixel_llm/partitioning.py) ---------------------------
+  # Mesh sizes over (data, fsdp, tensor); -1 = the remaining devices. Batch over data x fsdp.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Stop when more than this fraction of parameter bytes is replicated on an fsdp/tensor mesh.
+  c.max_replicated_fraction = 0.5
+  # Non-finite loss or grad norm skips the update; this many in a row stop the run.
+  c.max_consecutive_skips = 10
+  # --------------------------------------------------------------------------------------------------
   c.total_steps = 10_000 if not a.toy else 1500
   c.batch_size = 256 if not a.toy else 16
   c.learning_rate = 5e-5 if not a.toy else 1e-3

@@ -18,6 +18,7 @@ def _config(tmp_path):
   c.input.max_target_len = 12
   c.update(total_steps=12, batch_size=4, warmup_steps=2, log_every_steps=2,
            checkpoint_every_steps=6, eval_every_steps=1000)
+  c.mesh = dict(data=4, fsdp=1, tensor=2)  # batch 4 on conftest's 8 devices; tensor-parallel too
   return c
 
 
