@@ -12,7 +12,7 @@ Variants (`configs/ln.py:<arg>`):
   (none)  the paper's setting: ~3.86 B parameters, ~370 M trainable; one H200 step at batch 256
           takes seconds (see benchmarks/), the full 10k-step stage hours on a pod.
   toy     tiny sizes on 128-px images of the embedded synthetic world (all trained from scratch,
-          nothing frozen): 1500 steps at batch 16 in about 11 minutes on 2 CPU cores; for tests
+          nothing frozen): 1500 steps at batch 16 in about 12 minutes on 2 CPU cores; for tests
           and the offline demo (`python -m pixel_llm.train --config=configs/ln.py:toy
           --workdir=workdirs/ln_toy`).
   t5=<small|base|large|xl|xxl>, sam=<vit_b|vit_l|vit_h>, eva02=<B|L>, extractor=<release|paper>
