@@ -130,6 +130,22 @@ def _stripe_coords(s: int) -> dict[str, np.ndarray]:
   return {"horizontal": yy, "vertical": xx, "diagonal": (xx + yy) / np.float32(np.sqrt(2))}
 
 
+def coverage(o: SceneObject, s: int) -> np.ndarray:
+  """uint8[s, s]: how much of each pixel the shape covers (0..255), from a 2x supersampled drawing,
+  which gives anti-aliased edges."""
+  ss = 2 * s
+  mask = Image.new("L", (ss, ss), 0)
+  draw = ImageDraw.Draw(mask)
+  cx, cy, r = o.center[0] * ss, o.center[1] * ss, o.radius * ss
+  if o.shape in ("circle", "ring"):
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    if o.shape == "ring":
+      draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
+  else:
+    draw.polygon([tuple(p) for p in _polygon(o.shape, cx, cy, r).tolist()], fill=255)
+  return np.asarray(mask.resize((s, s), Image.BOX))
+
+
 def render(objects, stripes: str, image_size: int, rng: np.random.Generator) -> np.ndarray:
   """uint8[S, S, 3]: smooth colour noise + stripes, shapes alpha-blended from 2x masks."""
   s = image_size
@@ -141,18 +157,8 @@ def render(objects, stripes: str, image_size: int, rng: np.random.Generator) -> 
   wave = np.tanh(3 * np.sin(phase)) * np.float32(rng.uniform(10, 25))
   img = noise + (base - 35)
   img += wave[..., None]
-  ss = 2 * s  # Supersampled masks give anti-aliased edges.
   for o in objects:
-    mask = Image.new("L", (ss, ss), 0)
-    draw = ImageDraw.Draw(mask)
-    cx, cy, r = o.center[0] * ss, o.center[1] * ss, o.radius * ss
-    if o.shape in ("circle", "ring"):
-      draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-      if o.shape == "ring":
-        draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
-    else:
-      draw.polygon([tuple(p) for p in _polygon(o.shape, cx, cy, r).tolist()], fill=255)
-    alpha = np.asarray(mask.resize((s, s), Image.BOX), np.float32)[..., None] * np.float32(1 / 255)
+    alpha = np.asarray(coverage(o, s), np.float32)[..., None] * np.float32(1 / 255)
     color = np.clip(np.array(COLORS[o.color]) + rng.normal(0, 10, size=3), 0, 255)
     img += alpha * (color.astype(np.float32) - img)
   img += (rng.random(img.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(12)  # Sensor noise.

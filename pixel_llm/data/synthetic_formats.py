@@ -39,7 +39,7 @@ import pickle
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pixel_llm.data import refcoco, synthetic
 
@@ -66,17 +66,7 @@ def _image_size(ex: synthetic.Example) -> tuple[int, int]:
 
 def _shape_mask(o: synthetic.SceneObject, size: int) -> np.ndarray:
   """bool[S, S]: the shape drawn as `synthetic.render` draws it (2x supersampled, alpha >= 0.5)."""
-  ss = 2 * size
-  mask = Image.new("L", (ss, ss), 0)
-  draw = ImageDraw.Draw(mask)
-  cx, cy, r = o.center[0] * ss, o.center[1] * ss, o.radius * ss
-  if o.shape in ("circle", "ring"):
-    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    if o.shape == "ring":
-      draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
-  else:
-    draw.polygon([tuple(p) for p in synthetic._polygon(o.shape, cx, cy, r).tolist()], fill=255)
-  return np.asarray(mask.resize((size, size), Image.BOX)) >= 128
+  return synthetic.coverage(o, size) >= 128
 
 
 def visible_masks(objects: Sequence[synthetic.SceneObject], size: int
