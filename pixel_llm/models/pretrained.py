@@ -26,6 +26,7 @@ from pixel_llm.models import build
 from pixel_llm.models import checkpoint_io
 from pixel_llm.models import eva02 as eva02_lib
 from pixel_llm.models import sam_image_encoder as sam_lib
+from pixel_llm.models import sam_mask_decoder as mask_decoder_lib
 from pixel_llm.models import sam_prompt_encoder as prompt_encoder_lib
 from pixel_llm.models import t5 as t5_lib
 
@@ -33,19 +34,10 @@ PARAMS_DIR = "params"  # inside the converted checkpoint folder
 REPORT = "convert_report.json"
 
 
-def _sam_loaders():
-  loaders = {"sam_image_encoder": sam_lib, "prompt_encoder": prompt_encoder_lib}
-  try:  # The mask decoder joins the network with the segmentation work.
-    from pixel_llm.models import sam_mask_decoder  # pylint: disable=import-outside-toplevel
-    loaders["mask_decoder"] = sam_mask_decoder
-  except ImportError:
-    pass
-  return loaders
-
-
 # Source name -> {top-level parameter collection: model file with `SKIPPED` and `load_tensors`}.
 SOURCES: dict[str, Callable[[], dict[str, Any]]] = {
-    "sam": _sam_loaders,
+    "sam": lambda: {"sam_image_encoder": sam_lib, "prompt_encoder": prompt_encoder_lib,
+                    "mask_decoder": mask_decoder_lib},
     "eva02": lambda: {"eva02": eva02_lib},
     "t5": lambda: {"t5": t5_lib},
 }
