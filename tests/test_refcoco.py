@@ -640,6 +640,6 @@ def test_synthetic_cli_formats_keep_ln_unchanged(tmp_path):
   assert (again / "refcoco" / "refs(unc).p").read_bytes() == formats["refcoco/refs(unc).p"]
   assert (again / "refcoco" / "instances.json").read_bytes() == formats["refcoco/instances.json"]
   proc = subprocess.run([sys.executable, "-m", "pixel_llm.data.synthetic", "--out",
-                         str(tmp_path / "bad"), "--num_images", "1", "--formats", "ln,vg"],
+                         str(tmp_path / "bad"), "--num_images", "1", "--formats", "ln,coco"],
                         env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0 and "unknown --formats ['vg']" in proc.stderr
+  assert proc.returncode != 0 and "unknown --formats ['coco']" in proc.stderr

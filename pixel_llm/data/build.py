@@ -34,6 +34,8 @@ an unsafe or unreadable pickle, an unknown --split) stop the build with exit sta
 or not; record problems are those of `refcoco.py` / `coco_captions.py`, plus missing_image,
 bad_image and (RefCOCO) size_mismatch: the image's size differs from the annotation file's.
 
+Visual Genome (`vg`) and image-text pairs (`webli`): see `build_regions.py`.
+
 Adding a dataset: write `_add_<name>_args(parser)` and `_build_<name>(args, problems, writer,
 progress)` and list them in `SUBCOMMANDS`; the output, strictness and reporting code is shared.
 """
@@ -49,6 +51,7 @@ from collections import Counter
 
 from PIL import Image
 
+from pixel_llm.data import build_regions
 from pixel_llm.data import coco_captions
 from pixel_llm.data import ln
 from pixel_llm.data import refcoco
@@ -396,6 +399,7 @@ SUBCOMMANDS = {
                 _add_refcoco_args, _build_refcoco),
     "coco_captions": ("COCO captions_*.json or Karpathy dataset_coco.json",
                       _add_coco_captions_args, _build_coco_captions),
+    **build_regions.SUBCOMMANDS,
 }
 
 
@@ -472,4 +476,6 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Run the importable module, whose BuildError/Problems the build_regions subcommands share.
+  from pixel_llm.data import build
+  sys.exit(build.main())

@@ -1,7 +1,8 @@
 r"""A synthetic Localized-Narratives world: shape scenes, spoken-style captions and mouse traces.
 
   python -m pixel_llm.data.synthetic --out /tmp/synth --num_images 2000 --seed 0 --split both
-      [--formats ln,refcoco,coco_captions]   (other formats than LN: see `synthetic_formats`)
+      [--formats ln,refcoco,coco_captions,vg,webli]   (other formats than LN: see
+      `synthetic_formats`, `synthetic_regions`)
 
 Each image holds 1-4 shapes (circle, square, triangle, star, ring, diamond; seven colours; small or
 large; later shapes may occlude earlier ones) over a noisy striped background. Its narrative has one
@@ -361,7 +362,7 @@ def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128,
   return records
 
 
-FORMATS = ("ln", "refcoco", "coco_captions")
+FORMATS = ("ln", "refcoco", "coco_captions", "vg", "webli")
 
 
 def main(argv):
@@ -389,6 +390,10 @@ def main(argv):
     if "coco_captions" in extra:
       for path in synthetic_formats.write_coco_captions(f.out, examples, f.seed):
         print(f"wrote {path}")
+    if extra & {"vg", "webli"}:
+      from pixel_llm.data import synthetic_regions
+      for path in synthetic_regions.write(f.out, examples, f.seed, extra):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
@@ -401,5 +406,6 @@ if __name__ == "__main__":
   flags.DEFINE_enum("split", "train", ["train", "val", "both"], "Split(s) to write.")
   flags.DEFINE_integer("val_images", None, "Val images with --split=both (default num_images/10).")
   flags.DEFINE_list("formats", ["ln"], "Annotation formats: ln (always written, with the images), "
-                    "refcoco, coco_captions (see synthetic_formats).")
+                    "refcoco, coco_captions (see synthetic_formats), vg, webli (see "
+                    "synthetic_regions).")
   app.run(main)

@@ -8,6 +8,7 @@ Layout written next to the LN files:
   DIR/annotations/captions_{split}2017.json, DIR/annotations/dataset_coco.json
                                                           (`write_coco_captions`; Karpathy format)
 Image file names are COCO 2017's ({image_id:012d}.jpg, in DIR/images/{split}2017).
+Visual Genome regions and WebLI-style pairs (--formats vg,webli): see `synthetic_regions`.
 
 Referring expressions. Every object gets an annotation; an object is referred to (gets a ref) when
 at least one expression picks it out alone, and then gets up to 3 of them, drawn from:
