@@ -69,7 +69,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.learning_rate = 5e-5 if not a.toy else 1e-3
   c.warmup_steps = 250 if not a.toy else 100
   c.weight_decay = 0.0
+  # Per-parameter learning-rate multipliers: {regex on the parameter path: multiplier} (first
+  # match wins) and layer-wise decay of one ViT tower (0 = off), e.g. the dense-captioning recipe
+  # --config.layer_decay=0.9 --config.layer_decay_tower=eva02.
+  c.lr_multipliers = {}
+  c.layer_decay = 0.0
+  c.layer_decay_tower = "eva02"
+  # Microbatches per step (gradient accumulation): the same update with 1/n of the activations.
+  c.grad_accum_steps = 1
   c.checkpoint_every_steps = 1000 if not a.toy else 500
+  c.keep_checkpoints = 2
+  c.final_eval = True  # False: stop after training; evaluate with `pixel_llm.eval`
+  # MFU needs the device's peak FLOP/s; 0 = look it up (train.PEAK_FLOPS) from jax's device_kind.
+  c.peak_flops_per_device = 0.0
   c.eval_every_steps = 2500 if not a.toy else 500
   c.log_every_steps = 50 if not a.toy else 50
   return c

@@ -5,7 +5,14 @@ r"""Trains PixelLLM, sharded over a (data, fsdp, tensor) device mesh (pjit style
 The workdir receives: model-info.txt (every parameter's shape, logical axes and sharding),
 checkpoints/ (orbax; a rerun of the same command resumes from the latest), train_metrics.jsonl (one
 JSON line per logged step), metrics.json (the final evaluation), visualizations/*.png (each
-generated word's location in its colour). Single host for now.
+generated word's location in its colour), tensorboard/ (the same scalars). Multi-host: run the
+same command on every host (`jax.distributed` is initialised from the environment on TPU pods and
+SLURM, see launch/); each process reads its shard of every batch and only process 0 writes files.
+
+Resumable: each checkpoint stores the train state and how many batches the input has delivered;
+a rerun (after a crash, kill -9 or preemption) restores both and continues with the same batches
+an uninterrupted run would have seen. SIGTERM saves a checkpoint at the current step and returns.
+`config.grad_accum_steps` splits each batch into microbatches (the same update, less memory).
 
 Parameters are laid out by their logical axis names (`pixel_llm/sharding.py` LOGICAL_RULES), the
 optimizer moments like their parameters, the batch (B leading) over (data, fsdp). Frozen parameters
@@ -18,20 +25,22 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
+from clu import metric_writers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from pixel_llm import checkpoints
 from pixel_llm import evaluation
 from pixel_llm import optim
 from pixel_llm import partitioning
@@ -40,6 +49,10 @@ from pixel_llm.data import pipeline
 from pixel_llm.models import build
 from pixel_llm.models import pretrained
 
+# Peak dense bf16 FLOP/s per device (datasheets), by a substring of jax's device_kind; for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12,
+              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v4": 275e12,
+              "TPU v6 lite": 918e12}
 
 
 def _define_flags():
@@ -48,6 +61,24 @@ def _define_flags():
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ln.py:toy.",
                                             lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs "
+                      "without a cluster environment jax detects by itself).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
+  """`jax.distributed.initialize` when this is one process of several: explicit addresses, or the
+  cluster environments jax detects (TPU pod slices, SLURM with several tasks, PIXEL_LLM_DISTRIBUTED=1).
+  A plain single-host run initialises nothing."""
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return
+  cluster = (os.environ.get("PIXEL_LLM_DISTRIBUTED") == "1"
+             or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+             or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  if cluster:
+    jax.distributed.initialize()
 
 
 def _format_eta(seconds: float) -> str:
@@ -93,18 +124,58 @@ class Training:
   abstract_state: Any  # ShapeDtypeStructs with the state's shardings (the restore target)
   init: Any
   step: Any
+  jitted_step: Any  # the jax.jit object behind `step` (for .lower(...).compile())
+
+  def compile_step(self, state, batch):
+    """The train step compiled for these shapes (cost analysis available), run in the mesh."""
+    with _mesh_context(self.mesh):
+      compiled = self.jitted_step.lower(state, batch).compile()
+    return _in_mesh(self.mesh, compiled)
 
 
-def make_train_step(model, tx, schedule, labels, rng: jax.Array):
+def _microbatches(batch: dict, n: int) -> dict:
+  """[B, ...] -> [n, B / n, ...] with microbatch i = examples i, i + n, ...: each device keeps its
+  own rows (the batch is sharded over B), so splitting moves no data."""
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps {n}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model, tx, schedule, labels, rng: jax.Array, accum_steps: int = 1):
   """The update step (not jitted): gradients of the trainable subtree only, frozen parameters enter
-  as plain inputs; non-finite loss or gradient norm leaves params and optimizer state unchanged."""
+  as plain inputs; non-finite loss or gradient norm leaves params and optimizer state unchanged.
+
+  accum_steps > 1 splits the batch into that many microbatches, run one after another (a scan)
+  with their gradients averaged: the memory of a microbatch, the update of the whole batch. Each
+  microbatch normalises its loss by its own token count, so with uneven counts the result differs
+  slightly from one large batch (as in t5x). Metrics are averaged, `num_*` counts summed.
+  """
+
+  def grads_of(trainable, frozen, batch, step_rng):
+    return jax.value_and_grad(
+        lambda t: model.loss_fn(partitioning.merge(t, frozen), batch, step_rng, train=True),
+        has_aux=True)(trainable)
+
+  def accumulated(trainable, frozen, batch, step_rng):
+    def body(total, xs):
+      i, micro = xs
+      out = grads_of(trainable, frozen, micro, jax.random.fold_in(step_rng, i))
+      return jax.tree.map(jnp.add, total, out), None
+    micro = _microbatches(batch, accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grads_of, trainable, frozen, first, step_rng))
+    (loss, metrics), grads = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))[0]
+    metrics = {k: v if k.startswith("num_") else v / accum_steps for k, v in metrics.items()}
+    return (loss / accum_steps, metrics), jax.tree.map(lambda g: g / accum_steps, grads)
 
   def train_step(state, batch):
     step_rng = jax.random.fold_in(rng, state["step"])
     trainable, frozen = partitioning.split_frozen(state["params"], labels)
-    (loss, metrics), grads = jax.value_and_grad(
-        lambda t: model.loss_fn(partitioning.merge(t, frozen), batch, step_rng, train=True),
-        has_aux=True)(trainable)
+    compute = grads_of if accum_steps == 1 else accumulated
+    (loss, metrics), grads = compute(trainable, frozen, batch, step_rng)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
@@ -132,7 +203,10 @@ def build_training(config, mesh: Mesh, train_rng: jax.Array) -> Training:
   tx, schedule = optim.make_optimizer(
       abstract_trainable, learning_rate=config.learning_rate, total_steps=config.total_steps,
       warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-      grad_clip_norm=config.get("grad_clip_norm", 1.0))
+      grad_clip_norm=config.get("grad_clip_norm", 1.0),
+      lr_rules=tuple((k, v) for k, v in dict(config.get("lr_multipliers", {})).items()),
+      layer_decay=config.get("layer_decay", 0.0),
+      layer_decay_tower=config.get("layer_decay_tower", "eva02"))
 
   replicated = sharding.replicated(mesh)
   param_sh = sharding.logical_to_mesh_sharding(boxed, mesh)
@@ -152,13 +226,14 @@ def build_training(config, mesh: Mesh, train_rng: jax.Array) -> Training:
   # One sharding for the whole batch: P((data, fsdp)) splits every feature's leading axis.
   batch_sh = sharding.batch_sharding(mesh, 1)
   init = jax.jit(init, out_shardings=state_sh)
-  step = jax.jit(make_train_step(model, tx, schedule, labels, train_rng),
+  step = jax.jit(make_train_step(model, tx, schedule, labels, train_rng,
+                                 config.get("grad_accum_steps", 1)),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                  donate_argnums=0)
   with _mesh_context(mesh):
     abstract_state = partitioning.with_shardings(jax.eval_shape(init, jax.random.key(0)), state_sh)
   return Training(model, mesh, tx, schedule, boxed, labels, param_sh, state_sh, abstract_state,
-                  _in_mesh(mesh, init), _in_mesh(mesh, step))
+                  _in_mesh(mesh, init), _in_mesh(mesh, step), step)
 
 
 def _mesh_context(mesh: Mesh):
@@ -187,23 +262,72 @@ def check_skips(metrics: dict, max_consecutive_skips: int) -> None:
         "learning rate, check the input data, or resume from an earlier checkpoint.")
 
 
+class _Preemption:
+  """SIGTERM (what TPU/GPU schedulers send before preemption) sets a flag; the loop then saves a
+  checkpoint at the current step and returns cleanly instead of dying mid-step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler, no flag
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _peak_flops(config) -> float | None:
+  """Peak dense bf16 FLOP/s of one device (config.peak_flops_per_device overrides the table)."""
+  if config.get("peak_flops_per_device"):
+    return float(config.peak_flops_per_device)
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def _step_flops(compiled, accum_steps: int) -> float | None:
+  """FLOPs of one train step from XLA's cost analysis (all devices). XLA counts a loop body once,
+  so with gradient accumulation the (dominant) microbatch part is scaled by the trip count."""
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+  except Exception:  # some backends have no cost model
+    return None
+  return flops * accum_steps * jax.device_count() if flops > 0 else None
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs the whole job; returns the final evaluation metrics."""
+  """Runs the whole job; returns the final evaluation metrics (or {"preempted_at_step": k})."""
   # ---------------------------------------------------------------------------------------------
-  # Set up the workdir and logging.
+  # Set up the workdir and logging. Only process 0 writes files; every process computes.
   # ---------------------------------------------------------------------------------------------
+  lead = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   start_time = time.time()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
+                                                just_logging=not lead, asynchronous=False)
 
   # ---------------------------------------------------------------------------------------------
-  # Input pipeline: the embedded synthetic world unless the config points at real data.
+  # Input pipeline: the embedded synthetic world unless the config points at real data. Each
+  # process reads its own shard of every global batch.
   # ---------------------------------------------------------------------------------------------
   data = pipeline.prepare(config, workdir)
   # The workdir is self-contained for `pixel_llm.load`: the vocabulary travels with the weights.
   vocab_copy = os.path.join(workdir, "spiece.model")
-  if jax.process_index() == 0 and not os.path.exists(vocab_copy):
+  if lead and not os.path.exists(vocab_copy):
     shutil.copyfile(data.vocab.sentencepiece_model_file, vocab_copy)
 
   # ---------------------------------------------------------------------------------------------
@@ -211,88 +335,128 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ---------------------------------------------------------------------------------------------
   mesh = partitioning.mesh_from_config(config)
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.batch_size % data_ways:
+  accum = config.get("grad_accum_steps", 1)
+  if config.batch_size % (data_ways * accum):
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the mesh's data x fsdp "
-                     f"= {data_ways} (config.mesh {dict(mesh.shape)}).")
+                     f"= {data_ways} (config.mesh {dict(mesh.shape)}) times grad_accum_steps "
+                     f"{accum}.")
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   training = build_training(config, mesh, train_rng)
   info, stats = partitioning.model_info(training.boxed_params, training.param_shardings, mesh,
                                         training.labels)
   info_path = os.path.join(workdir, "model-info.txt")
-  with open(info_path, "w") as f:
-    f.write(info)
-  print(info.split("\n\n")[0], flush=True)
+  if lead:
+    with open(info_path, "w") as f:
+      f.write(info)
+    print(info.split("\n\n")[0], flush=True)
   partitioning.check_replication(stats, mesh, config.get("max_replicated_fraction", 0.5),
                                  info_path)
 
   # ---------------------------------------------------------------------------------------------
-  # Resume precedence: the workdir's latest checkpoint, else the config's init checkpoint
-  # (converted public weights, `python -m pixel_llm.tools.convert`), else a fresh init.
+  # Resume precedence: the workdir's latest checkpoint (state + input position), else the
+  # config's init checkpoint (converted public weights, `python -m pixel_llm.tools.convert`),
+  # else a fresh init.
   # ---------------------------------------------------------------------------------------------
-  ckpt = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  ckpt = checkpoints.manager(workdir, keep=config.get("keep_checkpoints", 2))
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(ckpt.latest_step(),
-                         args=ocp.args.StandardRestore(training.abstract_state))
+    state, position = checkpoints.restore(ckpt, training.abstract_state)
     logging.info("Resumed from step %d", int(state["step"]))
-    print(f"Resumed from {workdir}/checkpoints at step {int(state['step'])}", flush=True)
+    if lead:
+      print(f"Resumed from {workdir}/checkpoints at step {int(state['step'])}", flush=True)
   else:
-    state = training.init(init_rng)
+    state, position = training.init(init_rng), {"batches": 0}
     if config.get("init_checkpoint", "") or config.frozen_params:
       params = _initial_params(config, jax.device_get(state["params"]))
       state["params"] = jax.device_put(params, training.param_shardings)
   first_step = int(state["step"])
-  train_iter = data.train_batches(first_step)
+  train_iter = data.train_batches(position["batches"], jax.process_index(), jax.process_count())
+  batch_sharding = sharding.batch_sharding(mesh, 1)
+
+  def global_batch(local: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in local.items() if k in pipeline.MODEL_KEYS}
+
   evaluator = evaluation.Evaluator(training.model, data, config)
 
   # ---------------------------------------------------------------------------------------------
   # Train loop: log, evaluate and checkpoint periodically. The skip guard reads the previous
-  # step's counters, so one step stays in flight while the host checks.
+  # step's counters, so one step stays in flight while the host checks. SIGTERM: save and stop.
   # ---------------------------------------------------------------------------------------------
   log_path = os.path.join(workdir, "train_metrics.jsonl")
   max_skips = config.get("max_consecutive_skips", 10)
   total = config.total_steps
+  peak = _peak_flops(config)
+  step_fn, step_flops = None, None
   t0, steps_since, previous = time.time(), 0, None
-  print(f"Training {total} steps (batch {config.batch_size}, mesh {dict(mesh.shape)}) from step "
-        f"{first_step}; workdir {workdir}", flush=True)
-  for step in range(first_step + 1, total + 1):
-    batch = next(train_iter)
-    state, metrics = training.step(state, {k: v for k, v in batch.items()
-                                           if k in pipeline.MODEL_KEYS})
-    if previous is not None:
-      check_skips(previous, max_skips)
-    previous = metrics
-    steps_since += 1
-    if step % config.log_every_steps == 0 or step == total:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      rate = steps_since / (time.time() - t0)
-      t0, steps_since = time.time(), 0
-      record = {"step": step, **metrics, "steps_per_second": rate}
-      with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      print(f"step {step}/{total} loss {metrics['loss']:.4f} (caption {metrics['caption_loss']:.4f}"
-            f" point {metrics['point_loss']:.4f}) acc {metrics['token_accuracy']:.3f} "
-            f"lr {metrics['learning_rate']:.2e} skipped {int(metrics['skipped_steps'])} "
-            f"{rate:.2f} steps/s ETA {_format_eta((total - step) / max(rate, 1e-9))}", flush=True)
-    if step % config.checkpoint_every_steps == 0 or step == total:
-      ckpt.save(step, args=ocp.args.StandardSave(state))
-    if step % config.eval_every_steps == 0 and step != total:
-      result = evaluator.run(state["params"], step, os.path.join(workdir, "visualizations"))
-      print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()),
-            flush=True)
+  if lead:
+    print(f"Training {total} steps (batch {config.batch_size}, mesh {dict(mesh.shape)}, "
+          f"{jax.process_count()} process(es)) from step {first_step}; workdir {workdir}",
+          flush=True)
+  with _Preemption() as preemption:
+    for step in range(first_step + 1, total + 1):
+      batch = global_batch(next(train_iter))
+      if step_fn is None:  # compile once, ahead of the first step, to read its cost analysis
+        step_fn = training.compile_step(state, batch)
+        step_flops = _step_flops(step_fn, accum)
+      state, metrics = step_fn(state, batch)
+      if previous is not None:
+        check_skips(previous, max_skips)
+      previous = metrics
+      steps_since += 1
+      if step % config.log_every_steps == 0 or step == total:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        rate = steps_since / (time.time() - t0)
+        t0, steps_since = time.time(), 0
+        record = {"step": step, **metrics, "steps_per_second": rate,
+                  "examples_per_second": rate * config.batch_size}
+        if step_flops and peak:
+          record["mfu"] = step_flops * rate / (peak * jax.device_count())
+        writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+        if lead:
+          with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+          print(f"step {step}/{total} loss {metrics['loss']:.4f} (caption "
+                f"{metrics['caption_loss']:.4f} point {metrics['point_loss']:.4f}) acc "
+                f"{metrics['token_accuracy']:.3f} lr {metrics['learning_rate']:.2e} skipped "
+                f"{int(metrics['skipped_steps'])} {rate:.2f} steps/s ETA "
+                f"{_format_eta((total - step) / max(rate, 1e-9))}", flush=True)
+      position = {"batches": position["batches"] + 1, "batch_size": config.batch_size,
+                  "seed": config.seed}
+      if preemption.requested or step % config.checkpoint_every_steps == 0 or step == total:
+        checkpoints.save(ckpt, step, state, position)
+      if preemption.requested:
+        ckpt.wait_until_finished()
+        writer.flush()
+        if lead:
+          print(f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume.",
+                flush=True)
+        return {"preempted_at_step": step}
+      if step % config.eval_every_steps == 0 and step != total:
+        result = evaluator.run(state["params"], step, os.path.join(workdir, "visualizations")
+                               if lead else None)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        if lead:
+          print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()),
+                flush=True)
   if previous is not None:
     check_skips(previous, max_skips)
   ckpt.wait_until_finished()
 
   # ---------------------------------------------------------------------------------------------
-  # Final evaluation.
+  # Final evaluation (config.final_eval=False leaves it to `pixel_llm.eval`).
   # ---------------------------------------------------------------------------------------------
-  result = evaluator.run(state["params"], total, os.path.join(workdir, "visualizations"))
+  writer.flush()
+  if not config.get("final_eval", True):
+    return {"steps": total, "wall_seconds": time.time() - start_time}
+  result = evaluator.run(state["params"], total, os.path.join(workdir, "visualizations")
+                         if lead else None)
+  writer.write_scalars(total, {f"eval/{k}": v for k, v in result.items()})
+  writer.flush()
   result.update(steps=total, wall_seconds=time.time() - start_time)
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  print("final eval: " + json.dumps(result), flush=True)
+  if lead:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    print("final eval: " + json.dumps(result), flush=True)
   return result
 
 
@@ -300,6 +464,8 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; progress is printed
     logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

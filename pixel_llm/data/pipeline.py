@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from typing import Any, Callable, Iterator
 
 from pixel_llm.data import synthetic
@@ -28,7 +29,8 @@ MODEL_KEYS = ("image", "image_mask", "prompt_boxes", "prompt_points", "prompt_po
 @dataclasses.dataclass
 class Data:
   vocab: Any
-  train_batches: Callable[[int], Iterator[dict]]  # start_step -> endless iterator
+  # (batches to skip, shard index, number of shards) -> endless iterator of this shard's batches
+  train_batches: Callable[..., Iterator[dict]]
   eval_batches: Callable[[], Iterator[dict]]      # one pass over the held-out split
 
 
@@ -97,6 +99,20 @@ def _sources(config) -> tuple[str, str]:
   raise ValueError(f"Unknown config.data.source {d.source!r}; use 'synthetic' or 'ln'.")
 
 
+def _fast_forward(batches: Iterator[dict], skip: int, every_s: float = 10.0) -> None:
+  """Reads and drops `skip` batches (the resumed run's position), with progress and ETA."""
+  if not skip:
+    return
+  start = last = time.time()
+  for i in range(1, skip + 1):
+    next(batches)
+    now = time.time()
+    if now - last > every_s or i == skip:
+      last, rate = now, i / max(now - start, 1e-9)
+      print(f"input pipeline: skipped {i}/{skip} batches already trained on "
+            f"({rate:.1f} batches/s, ETA {int((skip - i) / rate)} s)", flush=True)
+
+
 def prepare(config, workdir: str | None = None) -> Data:
   """Sources, vocabulary and batch iterators for `config` (see the module docstring)."""
   del workdir
@@ -113,11 +129,17 @@ def prepare(config, workdir: str | None = None) -> Data:
                 max_target_len=inp.max_target_len, max_context_len=inp.max_context_len,
                 prompts=tuple(d.prompts), split_sentences=d.split_sentences)
 
-  def train_batches(start_step: int = 0):
-    # A resumed run reshuffles with a seed derived from its start step (not a bitwise replay of
-    # the interrupted order; the resumable pipeline saves the iterator position instead).
-    return tasks.get_dataset(pattern, split="train", batch_size=config.batch_size, shuffle=True,
-                             seed=config.seed + start_step, **common)
+  def train_batches(skip: int = 0, shard_index: int = 0, num_shards: int = 1):
+    # One fixed seed: the batch sequence is a pure function of (config, shard), so a resumed run
+    # re-reads the first `skip` batches and continues exactly where the interrupted one stopped.
+    if config.batch_size % num_shards:
+      raise ValueError(f"batch_size {config.batch_size} is not divisible by the {num_shards} "
+                       "input shards (processes).")
+    batches = tasks.get_dataset(pattern, split="train", batch_size=config.batch_size // num_shards,
+                                shuffle=True, seed=config.seed, shard_index=shard_index,
+                                num_shards=num_shards, **common)
+    _fast_forward(batches, skip)
+    return batches
 
   def eval_batches():
     return tasks.get_dataset(pattern, split="val", batch_size=d.eval_batch_size, shuffle=False,

@@ -1,0 +1,48 @@
+"""Training checkpoints: the sharded train state plus the input pipeline's position, via orbax.
+
+  manager = checkpoints.manager(workdir, keep=2)
+  checkpoints.save(manager, step, state, position)          # async; atomic on completion
+  state, position = checkpoints.restore(manager, abstract_state)
+
+Each checkpoint directory WORKDIR/checkpoints/<step>/ holds two items: `state` (params, optimizer
+state, step and skip counters; every process writes its own shards) and `data` (JSON: how far the
+training input has been read, so a resumed run reads on from there instead of starting the data
+over; see `pipeline.Data.train_batches`). Orbax writes to a temporary name and renames when the
+save is complete, so a crash (even kill -9) mid-save leaves the previous checkpoint as the latest.
+"""
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_names=("state", "data"))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, position: dict) -> None:
+  """Starts an async save of `state` and the data `position` at `step` (no-op if it exists)."""
+  if step in mgr.all_steps():
+    return
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         data=ocp.args.JsonSave(position)))
+
+
+def restore(mgr: ocp.CheckpointManager, abstract_state: Any,
+            step: int | None = None) -> tuple[Any, dict]:
+  """(state laid out like `abstract_state` (ShapeDtypeStructs with shardings), data position)."""
+  step = mgr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {mgr.directory}")
+  try:
+    out = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    raise ValueError(
+        f"{mgr.directory}/{step} is not a pixel_llm training checkpoint of this version (it needs "
+        f"the items 'state' and 'data'; {type(e).__name__}: {e}). Start a new workdir, or load "
+        "its parameters with --config.init_checkpoint.") from e
+  return out["state"], dict(out["data"])

@@ -1,0 +1,19 @@
+"""A tiny `configs/ln.py:toy` for the trainer's tests (not a test module; run as a config file).
+
+  python -m pixel_llm.train --config=tests/tiny_train_config.py --config.data.root=DIR --workdir=W
+
+64 px images, 24 training images, batch 4 over data=4 x tensor=2, 8 steps, no evaluation.
+"""
+from configs import ln
+
+
+def get_config(arg: str | None = None):
+  del arg
+  c = ln.get_config("toy")
+  c.model.image_size = 64
+  c.data.update(num_train_images=24, num_val_images=4, image_size=64, eval_batch_size=4)
+  c.input.max_target_len = 12
+  c.update(total_steps=8, batch_size=4, warmup_steps=2, log_every_steps=1,
+           checkpoint_every_steps=2, eval_every_steps=1000, final_eval=False)
+  c.mesh = dict(data=4, fsdp=1, tensor=2)  # 8 devices: one process x 8 or two x 4
+  return c
