@@ -94,6 +94,20 @@ def align_tokens(caption: tf.Tensor, starts: tf.Tensor, ends: tf.Tensor, has_tra
           "sentence": tf.cast(sentence, tf.int32), "byte_start": b0, "byte_end": b1}
 
 
+def resize_image(image: tf.Tensor, new_hw: tf.Tensor) -> tf.Tensor:
+  """uint8[H, W, 3] -> uint8[h, w, 3], bilinear. Antialiasing costs ~4x on CPU and changes nothing when enlarging (below 1e-4 before
+  rounding), so it runs only when shrinking; the same size is returned as is."""
+  hw = tf.shape(image)[:2]
+
+  def resize(antialias):
+    out = tf.image.resize(image, new_hw, method="bilinear", antialias=antialias)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+  return tf.cond(tf.reduce_all(hw == new_hw), lambda: image,
+                 lambda: tf.cond(tf.reduce_any(new_hw < hw), lambda: resize(True),
+                                 lambda: resize(False)))
+
+
 def resize_and_pad(encoded: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """Decodes an image, resizes its longer side to `size` (keeping the aspect ratio) and pads
   bottom/right with zeros.
@@ -107,8 +121,7 @@ def resize_and_pad(encoded: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor,
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = size / tf.reduce_max(hw)
   new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
-  resized = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
-  resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+  resized = resize_image(image, new_hw)
   padded = tf.image.pad_to_bounding_box(resized, 0, 0, size, size)
   rows = tf.range(size)[:, None] < new_hw[0]
   cols = tf.range(size)[None, :] < new_hw[1]
