@@ -75,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lr_multipliers = {}
   c.layer_decay = 0.0
   c.layer_decay_tower = "eva02"
+  # Storage dtype of the frozen parameters (trainable ones keep float32 master weights; the compute
+  # dtype is model.dtype).
+  c.frozen_dtype = "float32" if a.toy else "bfloat16"
   # Microbatches per step (gradient accumulation): the same update with 1/n of the activations.
   c.grad_accum_steps = 1
   c.checkpoint_every_steps = 1000 if not a.toy else 500

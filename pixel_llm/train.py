@@ -124,6 +124,7 @@ class Training:
   abstract_state: Any  # ShapeDtypeStructs with the state's shardings (the restore target)
   init: Any
   step: Any
+  cast_frozen: Any  # params -> params with the frozen leaves in config.frozen_dtype
   jitted_step: Any  # the jax.jit object behind `step` (for .lower(...).compile())
 
   def compile_step(self, state, batch):
@@ -216,9 +217,16 @@ def build_training(config, mesh: Mesh, train_rng: jax.Array) -> Training:
                                                             mesh),
               "step": replicated, "skipped_steps": replicated, "consecutive_skips": replicated}
   example = build.example_batch(config, 1, abstract=False)
+  # Frozen towers need no fp32 master copy: config.frozen_dtype="bfloat16" halves their memory
+  # (the modules cast parameters to the compute dtype anyway).
+  frozen_dtype = jnp.dtype(config.get("frozen_dtype", "float32"))
+
+  def cast_frozen(params):
+    return jax.tree.map(lambda p, l: p.astype(frozen_dtype) if l == "frozen" else p,
+                        params, labels)
 
   def init(rng):
-    params = nn.meta.unbox(model.init_variables(rng, example)["params"])
+    params = cast_frozen(nn.meta.unbox(model.init_variables(rng, example)["params"]))
     zero = jnp.zeros((), jnp.int32)
     return {"params": params, "opt_state": tx.init(partitioning.split_frozen(params, labels)[0]),
             "step": zero, "skipped_steps": zero, "consecutive_skips": zero}
@@ -233,7 +241,7 @@ def build_training(config, mesh: Mesh, train_rng: jax.Array) -> Training:
   with _mesh_context(mesh):
     abstract_state = partitioning.with_shardings(jax.eval_shape(init, jax.random.key(0)), state_sh)
   return Training(model, mesh, tx, schedule, boxed, labels, param_sh, state_sh, abstract_state,
-                  _in_mesh(mesh, init), _in_mesh(mesh, step), step)
+                  _in_mesh(mesh, init), _in_mesh(mesh, step), cast_frozen, step)
 
 
 def _mesh_context(mesh: Mesh):
@@ -366,7 +374,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   else:
     state, position = training.init(init_rng), {"batches": 0}
     if config.get("init_checkpoint", "") or config.frozen_params:
-      params = _initial_params(config, jax.device_get(state["params"]))
+      params = training.cast_frozen(_initial_params(config, jax.device_get(state["params"])))
       state["params"] = jax.device_put(params, training.param_shardings)
   first_step = int(state["step"])
   train_iter = data.train_batches(position["batches"], jax.process_index(), jax.process_count())

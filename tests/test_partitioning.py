@@ -152,3 +152,21 @@ def test_model_info_and_replication_check():
     partitioning.check_replication({"replicated_bytes": 9, "sharded_bytes": 1}, training.mesh, 0.5)
   data_only = sharding.make_mesh(dict(data=8))  # nothing asks for parameter sharding: no error
   partitioning.check_replication({"replicated_bytes": 9, "sharded_bytes": 1}, data_only, 0.5)
+
+
+def test_frozen_parameters_can_be_stored_in_bfloat16():
+  """config.frozen_dtype: frozen leaves are bf16 in the state and stay bf16 through a step (traced
+  with eval_shape: no compile); trainable leaves keep float32 master weights."""
+  config = _config()
+  config.frozen_dtype = "bfloat16"
+  training = train.build_training(config, sharding.make_mesh(dict(data=1), jax.devices()[:1]),
+                                  jax.random.key(1))
+  labels = traverse_util.flatten_dict(training.labels)
+  state = traverse_util.flatten_dict(training.abstract_state["params"])
+  assert {state[k].dtype for k, l in labels.items() if l == "frozen"} == {jnp.dtype("bfloat16")}
+  assert {state[k].dtype for k, l in labels.items() if l == "train"} == {jnp.dtype("float32")}
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batches(config, 1)[0])
+  out, metrics = jax.eval_shape(training.jitted_step, training.abstract_state, batch)
+  after = traverse_util.flatten_dict(out["params"])
+  assert all(after[k].dtype == state[k].dtype for k in state)
+  assert metrics["loss"].dtype == jnp.float32
