@@ -23,7 +23,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from pixel_llm.data import preprocess
+from pixel_llm.data import preprocess, tasks_common
 
 DEFAULT_PROMPT = "Describe the image in detail."
 DEFAULT_SPLITS = ("train", "val")
@@ -151,7 +151,7 @@ def get_dataset(task_or_pattern: str, *, split: str = "train", batch_size: int,
                 num_epochs: int | None = None, vocab_path: str | None = None,
                 prompts: Sequence[str] = (DEFAULT_PROMPT,), split_sentences: bool = False,
                 shard_index: int = 0, num_shards: int = 1, drop_remainder: bool = True,
-                ) -> Iterator[dict[str, np.ndarray]]:
+                num_regions: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Numpy batches in the model's format (`pixel_llm/model.py`) plus evaluation fields.
 
   task_or_pattern: a registered task name, or a TFRecord pattern (then `vocab_path`, `prompts`,
@@ -161,7 +161,18 @@ def get_dataset(task_or_pattern: str, *, split: str = "train", batch_size: int,
   prompt_text int32[B, 1, C], decoder_input_tokens / decoder_target_tokens int32[B, 1, T],
   point_targets float32[B, 1, T, 2, 2], point_weights float32[B, 1, T], image_id bytes[B],
   caption bytes[B, 1]}. The same seed gives the same batches.
+  A common-format Task or Mixture (`tasks_common`: caption, RefCOCO, VG tasks, mixtures) yields
+  `tasks_common.get_batches`' features instead, with R = num_regions prompts per image.
   """
+  if tasks_common.is_common(task_or_pattern):
+    if tuple(prompts) != (DEFAULT_PROMPT,) or split_sentences or vocab_path is not None:
+      raise ValueError(f"{task_or_pattern!r} is a registered task: set prompts, split_sentences "
+                       "and vocab_path when registering it.")
+    return tasks_common.get_batches(
+        task_or_pattern, split=split, batch_size=batch_size, shuffle=shuffle, seed=seed,
+        image_size=image_size, max_target_len=max_target_len, max_context_len=max_context_len,
+        num_regions=num_regions, num_epochs=num_epochs, shard_index=shard_index,
+        num_shards=num_shards, drop_remainder=drop_remainder)
   if task_or_pattern in seqio.TaskRegistry.names():
     if tuple(prompts) != (DEFAULT_PROMPT,) or split_sentences:
       raise ValueError(f"{task_or_pattern!r} is a registered task: set prompts and "
