@@ -13,10 +13,12 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import ln  # pylint: disable=g-import-not-at-top
+from pixel_llm import checkpoints  # pylint: disable=g-import-not-at-top
+from pixel_llm import partitioning  # pylint: disable=g-import-not-at-top
+from pixel_llm import train  # pylint: disable=g-import-not-at-top
 from pixel_llm.data import pipeline  # pylint: disable=g-import-not-at-top
 from pixel_llm.models import build  # pylint: disable=g-import-not-at-top
 
@@ -38,9 +40,10 @@ def main():
   config = ln.get_config(args.config.partition(":")[2] or None)
   data = pipeline.prepare(config, args.workdir)
   model = build.build_model(config)
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(args.workdir, "checkpoints")))
-  step = manager.latest_step()
-  params = manager.restore(step)["params"]
+  manager = checkpoints.manager(args.workdir)
+  training = train.build_training(config, partitioning.mesh_from_config(config), jax.random.key(0))
+  state = checkpoints.restore(manager, training.abstract_state)[0]
+  params, step = state["params"], int(state["step"])
   metrics = jax.jit(lambda p, b: model.loss_fn(p, b, jax.random.key(0), train=False)[1])
   sums = {name: {"caption_loss": [], "token_accuracy": [], "point_loss": []} for name in CONDITIONS}
   for batch in data.eval_batches():

@@ -63,9 +63,12 @@ def _find_checkpoint(path: str, step: int | None) -> tuple[str, str, str | None]
   elif step not in steps:
     raise CheckpointNotFoundError(f"{path} has no checkpoint at step {step} (it has {steps}).")
   folder = os.path.join(root, str(step))
-  # CheckpointManager keeps a single unnamed item in <step>/default.
-  if os.path.isdir(os.path.join(folder, "default")):
-    folder = os.path.join(folder, "default")
+  # The trainer's checkpoints hold the items state/ and data/ (`pixel_llm/checkpoints.py`); those
+  # of earlier versions a single unnamed item in default/.
+  for item in ("state", "default"):
+    if os.path.isdir(os.path.join(folder, item)):
+      folder = os.path.join(folder, item)
+      break
   return config, folder, "params"
 
 

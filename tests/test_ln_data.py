@@ -384,3 +384,27 @@ def test_split_sentences(records, spm_path, vocab):
   np.testing.assert_array_equal(ex["point_weights"][0, 1:n + 1], [w[2] for w in want])
   np.testing.assert_allclose(ex["point_targets"][0, 1:n + 1].reshape(n, 4),
                              np.array([w[3] for w in want]) * [1, 0.5, 1, 0.5], atol=1e-6)
+
+
+@pytest.mark.parametrize("dataset_id,image_id,file_name", [
+    ("open_images_validation", "0a1b2c3d4e5f6789", "0a1b2c3d4e5f6789.jpg"),  # hex ids
+    ("flickr30k_val", "1000092795", "1000092795.jpg"),  # digits, no zero padding on disk
+    ("ADE20k", "ADE_val_00000001", "ADE_val_00000001.jpg"),
+])
+def test_build_reads_the_other_ln_image_sources(tmp_path, dataset_id, image_id, file_name, capsys):
+  """LN for Open Images, Flickr30k and ADE20k: the same JSON lines, their own image file names."""
+  import tensorflow as tf
+  from pixel_llm.data import preprocess
+  images = tmp_path / "images"
+  images.mkdir()
+  write_jpeg(images / file_name, 48, 32, 5)
+  ann = tmp_path / "ann.jsonl"
+  ann.write_text(json.dumps(narrative(image_id, dataset_id=dataset_id)) + "\n")
+  rc = build.main(["ln", "--annotations", str(ann), "--images", str(images),
+                   "--out", str(tmp_path / "out"), "--strict"])
+  assert rc == 0, capsys.readouterr().err
+  (record,) = list(tf.data.TFRecordDataset(str(tmp_path / "out" / "ln_train.tfrecord-00000-of-00001")))
+  ex = tf.io.parse_single_example(record, preprocess.FEATURE_DESCRIPTION)
+  assert ex["image/id"].numpy() == image_id.encode()
+  assert (int(ex["image/width"]), int(ex["image/height"])) == (48, 32)
+  assert ex["image/encoded"].numpy() == (images / file_name).read_bytes()

@@ -135,7 +135,8 @@ class Progress:
 # -- images ---------------------------------------------------------------------------------------
 
 def find_image(images_dir: str, image_id: str) -> str | None:
-  """IMAGES/{id:012d}.jpg (COCO file names) or IMAGES/{id}.jpg; None when neither exists."""
+  """IMAGES/{id:012d}.jpg (COCO file names) or IMAGES/{id}.jpg (Open Images hex ids, Flickr30k,
+  ADE20k "ADE_train_00000001"); None when neither exists."""
   names = [f"{int(image_id):012d}.jpg"] if image_id.isdigit() else []
   for name in names + [f"{image_id}.jpg"]:
     path = os.path.join(images_dir, name)
