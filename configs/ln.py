@@ -45,7 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init_patterns = ("",)
   # Data: the embedded synthetic world (Localized Narratives format) for the toy; real LN
   # TFRecords (`python -m pixel_llm.data.build ln ...`) otherwise, paths from flags or env vars.
-  c.data = dict(source="synthetic" if a.toy else "ln", root="", tfrecords="", vocab="",
+  # coco_captions_rate r > 0 mixes COCO captions : LN = r : 2 (the paper: 1 : 2; records from
+  # `python -m pixel_llm.data.build coco_captions`, --config.data.coco_captions_tfrecords or
+  # PIXEL_LLM_COCO_CAPTIONS_TFRECORDS). The toy stays LN-only (its README figures are LN-only).
+  c.data = dict(task="ln", source="synthetic" if a.toy else "ln", root="", tfrecords="", vocab="",
+                coco_captions_tfrecords="", coco_captions_rate=0.0 if a.toy else 1.0,
                 num_train_images=2000, num_val_images=64, image_size=c.model.image_size, seed=0,
                 prompts=("Describe the image in detail.",), split_sentences=False,
                 eval_batch_size=32 if a.toy else 64)
@@ -82,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
   c.checkpoint_every_steps = 1000 if not a.toy else 500
   c.keep_checkpoints = 2
+  c.async_checkpoints = True  # training goes on while a checkpoint is written
   c.final_eval = True  # False: stop after training; evaluate with `pixel_llm.eval`
   # MFU needs the device's peak FLOP/s; 0 = look it up (train.PEAK_FLOPS) from jax's device_kind.
   c.peak_flops_per_device = 0.0

@@ -16,10 +16,12 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 
-def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int = 2, asynchronous: bool = True) -> ocp.CheckpointManager:
+  """asynchronous: training goes on while a checkpoint is written (False: `save` blocks)."""
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=asynchronous),
       item_names=("state", "data"))
 
 

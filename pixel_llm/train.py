@@ -365,7 +365,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # config's init checkpoint (converted public weights, `python -m pixel_llm.tools.convert`),
   # else a fresh init.
   # ---------------------------------------------------------------------------------------------
-  ckpt = checkpoints.manager(workdir, keep=config.get("keep_checkpoints", 2))
+  ckpt = checkpoints.manager(workdir, keep=config.get("keep_checkpoints", 2),
+                             asynchronous=config.get("async_checkpoints", True))
   if ckpt.latest_step() is not None:
     state, position = checkpoints.restore(ckpt, training.abstract_state)
     logging.info("Resumed from step %d", int(state["step"]))

@@ -14,6 +14,9 @@ def get_config(arg: str | None = None):
   c.data.update(num_train_images=24, num_val_images=4, image_size=64, eval_batch_size=4)
   c.input.max_target_len = 12
   c.update(total_steps=8, batch_size=4, warmup_steps=2, log_every_steps=1,
-           checkpoint_every_steps=2, eval_every_steps=1000, final_eval=False)
+           checkpoint_every_steps=4, eval_every_steps=1000, final_eval=False)
+  # Blocking saves: a checkpoint is complete on disk when the next step starts, so the tests can
+  # interrupt a run at a known point.
+  c.async_checkpoints = False
   c.mesh = dict(data=4, fsdp=1, tensor=2)  # 8 devices: one process x 8 or two x 4
   return c

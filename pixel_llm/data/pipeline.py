@@ -1,14 +1,22 @@
-"""From a config to train and eval batches: the embedded synthetic world or real LN TFRecords.
+"""From a config to train and eval batches: the embedded synthetic world or real TFRecords.
 
+`config.data.task`:
+  "ln"        captioning + trace on Localized Narratives (stage 2), optionally mixed with COCO
+              captions: `config.data.coco_captions_rate` r > 0 draws COCO : LN = r : 2 (the
+              paper's trace stage is r = 1). Evaluation: the LN val split.
+  "captions"  image-caption pre-training on COCO-captions-schema records (WebLI pairs built with
+              `python -m pixel_llm.data.build webli`, or COCO captions); stage 1, `configs/webli.py`.
 `config.data.source`:
-  "synthetic"  generate the synthetic world (LN format) into a cache once, build its TFRecords with
-               the same builder as real data, then read them through the LN seqio task. The cache is
+  "synthetic"  generate the synthetic world once into a cache (LN format, plus the COCO-captions
+               and WebLI formats when the task needs them), build its TFRecords with the same
+               builders as real data, then read them through the seqio tasks. The cache is
                `config.data.root`, else $PIXEL_LLM_DATA_DIR/synthetic-<settings>, else
                ~/.cache/pixel_llm/synthetic-<settings>.
-  "ln"         real Localized Narratives TFRecords written by `python -m pixel_llm.data.build ln`:
-               `config.data.tfrecords` (pattern with "{split}") and `config.data.vocab`
-               (Flan-T5's spiece.model), or the environment variables PIXEL_LLM_LN_TFRECORDS and
-               PIXEL_LLM_VOCAB.
+  "files"      (or "ln") real TFRecords: `config.data.tfrecords` (pattern with "{split}"; LN records for task
+               "ln", caption records for "captions") and `config.data.vocab` (Flan-T5's
+               spiece.model), or the environment variables PIXEL_LLM_LN_TFRECORDS /
+               PIXEL_LLM_CAPTIONS_TFRECORDS and PIXEL_LLM_VOCAB; COCO captions for the mixture from
+               `config.data.coco_captions_tfrecords` or PIXEL_LLM_COCO_CAPTIONS_TFRECORDS.
 """
 import dataclasses
 import glob
@@ -34,39 +42,66 @@ class Data:
   eval_batches: Callable[[], Iterator[dict]]      # one pass over the held-out split
 
 
+def _synthetic_formats(config) -> tuple[str, ...]:
+  """Formats beyond LN the synthetic world must write for this config's task."""
+  d = config.data
+  if d.get("task", "ln") == "captions":
+    return ("webli",)
+  return ("coco_captions",) if d.get("coco_captions_rate", 0.0) > 0 else ()
+
+
 def _synthetic_root(config) -> str:
   d = config.data
   if d.get("root"):
     return d.root
-  key = json.dumps(dict(n=d.num_train_images, v=d.num_val_images, s=d.image_size, seed=d.seed,
-                        generator=synthetic.VERSION), sort_keys=True)
+  settings = dict(n=d.num_train_images, v=d.num_val_images, s=d.image_size, seed=d.seed,
+                  generator=synthetic.VERSION)
+  if _synthetic_formats(config):  # (LN-only worlds keep their earlier cache names)
+    settings["formats"] = list(_synthetic_formats(config))
+  key = json.dumps(settings, sort_keys=True)
   name = "synthetic-" + hashlib.sha1(key.encode()).hexdigest()[:10]
   base = os.environ.get("PIXEL_LLM_DATA_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "pixel_llm")
   return os.path.join(base, name)
 
 
+def _build(args: list[str]) -> None:
+  from pixel_llm.data import build
+  rc = build.main(args + ["--strict"])
+  if rc:
+    raise RuntimeError(f"Building the synthetic TFRecords failed (exit {rc}): build {args}")
+
+
 def ensure_synthetic(config) -> str:
   """Generates and builds the synthetic world once; returns its root. Crash-safe: the world is
   written to a temporary folder and renamed into place only when complete."""
-  from pixel_llm.data import build
-
   d = config.data
+  formats = _synthetic_formats(config)
   root = _synthetic_root(config)
   if os.path.exists(os.path.join(root, "READY")):
     return root
   tmp = root + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
   print(f"Generating the synthetic world ({d.num_train_images} train + {d.num_val_images} val "
-        f"images, {d.image_size} px) into {root}", flush=True)
-  synthetic.generate(tmp, d.num_train_images, d.seed, image_size=d.image_size, split="train")
-  synthetic.generate(tmp, d.num_val_images, d.seed, image_size=d.image_size, split="val")
-  for split in ("train", "val"):
-    rc = build.main(["ln", "--annotations", synthetic.annotation_path(tmp, split),
-                     "--images", os.path.join(tmp, "images", f"{split}2017"),
-                     "--out", os.path.join(tmp, "tfrecords"), "--split", split, "--strict"])
-    if rc:
-      raise RuntimeError(f"Building the synthetic {split} TFRecords failed (exit {rc}).")
+        f"images, {d.image_size} px; formats ln{''.join(',' + f for f in formats)}) into {root}",
+        flush=True)
+  records = os.path.join(tmp, "tfrecords")
+  for split, n in (("train", d.num_train_images), ("val", d.num_val_images)):
+    examples = []
+    synthetic.generate(tmp, n, d.seed, image_size=d.image_size, split=split,
+                       on_example=examples.append)
+    images = os.path.join(tmp, "images", f"{split}2017")
+    _build(["ln", "--annotations", synthetic.annotation_path(tmp, split), "--images", images,
+            "--out", records, "--split", split])
+    if "coco_captions" in formats:
+      from pixel_llm.data import synthetic_formats
+      path, = synthetic_formats.write_coco_captions(tmp, examples, d.seed)[:1]
+      _build(["coco_captions", "--captions", path, "--images", images, "--out", records,
+              "--split", split])
+    if "webli" in formats:
+      from pixel_llm.data import synthetic_regions
+      path = synthetic_regions.write_webli(tmp, examples, d.seed)
+      _build(["webli", "--jsonl", path, "--images", tmp, "--out", records, "--split", split])
   with open(os.path.join(tmp, "READY"), "w") as f:
     f.write("ok\n")
   shutil.rmtree(root, ignore_errors=True)
@@ -75,28 +110,79 @@ def ensure_synthetic(config) -> str:
   return root
 
 
-def _sources(config) -> tuple[str, str]:
-  """(TFRecord pattern with "{split}", vocabulary path) for the configured source."""
+def _files(config, field: str, env: str, what: str, builder: str) -> str:
+  """A real TFRecord pattern (with "{split}") from the config or the environment, checked."""
+  pattern = config.data.get(field) or os.environ.get(env, "")
+  if not pattern:
+    raise ValueError(f"config.data.source={config.data.source!r} needs {what} TFRecords: --config.data.{field}="
+                     f"PATTERN (with '{{split}}') or the environment variable {env}.")
+  for split in ("train", "val"):
+    if not glob.glob(pattern.replace("{split}", split)):
+      raise FileNotFoundError(f"No {what} TFRecords match {pattern.replace('{split}', split)!r}; "
+                              f"build them with `python -m pixel_llm.data.build {builder} ...`.")
+  return pattern
+
+
+def _sources(config) -> tuple[dict[str, str], str]:
+  """({"ln" | "captions" | "coco_captions": TFRecord pattern with "{split}"}, vocabulary path)."""
   d = config.data
+  task = d.get("task", "ln")
+  if task not in ("ln", "captions"):
+    raise ValueError(f"Unknown config.data.task {task!r}; use 'ln' or 'captions'.")
+  mix = task == "ln" and d.get("coco_captions_rate", 0.0) > 0
   if d.source == "synthetic":
-    root = ensure_synthetic(config)
-    return os.path.join(root, "tfrecords", "ln_{split}.tfrecord-*"), os.path.join(root,
-                                                                                   "spiece.model")
-  if d.source == "ln":
-    pattern = d.get("tfrecords") or os.environ.get("PIXEL_LLM_LN_TFRECORDS", "")
-    vocab = d.get("vocab") or os.environ.get("PIXEL_LLM_VOCAB", "")
-    if not pattern or not vocab:
-      raise ValueError("config.data.source='ln' needs --config.data.tfrecords=PATTERN (with "
-                       "'{split}') and --config.data.vocab=spiece.model, or the environment "
-                       "variables PIXEL_LLM_LN_TFRECORDS and PIXEL_LLM_VOCAB.")
-    for split in ("train", "val"):
-      if not glob.glob(pattern.replace("{split}", split)):
-        raise FileNotFoundError(f"No LN TFRecords match {pattern.replace('{split}', split)!r}; "
-                                "build them with `python -m pixel_llm.data.build ln ...`.")
-    if not os.path.exists(vocab):
-      raise FileNotFoundError(f"Vocabulary {vocab!r} does not exist.")
-    return pattern, vocab
-  raise ValueError(f"Unknown config.data.source {d.source!r}; use 'synthetic' or 'ln'.")
+    root = os.path.join(ensure_synthetic(config), "tfrecords")
+    names = {"ln": "ln", "captions": "webli", "coco_captions": "coco_captions"}
+    wanted = [task] + (["coco_captions"] if mix else [])
+    return ({k: os.path.join(root, names[k] + "_{split}.tfrecord-*") for k in wanted},
+            os.path.join(os.path.dirname(root), "spiece.model"))
+  if d.source not in ("files", "ln"):
+    raise ValueError(f"Unknown config.data.source {d.source!r}; use 'synthetic' or 'files' "
+                     "('ln' is the same as 'files').")
+  vocab = d.get("vocab") or os.environ.get("PIXEL_LLM_VOCAB", "")
+  if not vocab:
+    raise ValueError(f"config.data.source={d.source!r} needs --config.data.vocab=spiece.model (Flan-T5's) "
+                     "or the environment variable PIXEL_LLM_VOCAB.")
+  if not os.path.exists(vocab):
+    raise FileNotFoundError(f"Vocabulary {vocab!r} does not exist.")
+  if task == "captions":
+    patterns = {"captions": _files(config, "tfrecords", "PIXEL_LLM_CAPTIONS_TFRECORDS",
+                                   "image-caption", "webli")}
+  else:
+    patterns = {"ln": _files(config, "tfrecords", "PIXEL_LLM_LN_TFRECORDS", "LN", "ln")}
+  if mix:
+    patterns["coco_captions"] = _files(config, "coco_captions_tfrecords",
+                                       "PIXEL_LLM_COCO_CAPTIONS_TFRECORDS", "COCO captions",
+                                       "coco_captions")
+  return patterns, vocab
+
+
+def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | None, str]:
+  """Registers the seqio tasks of `patterns`; (common-format train Task/Mixture name or None for
+  the plain LN path, eval Task name or pattern)."""
+  from pixel_llm.data import mixtures, tasks, tasks_caption
+
+  d = config.data
+  digest = hashlib.sha1(json.dumps([patterns, vocab_path, config.model.image_size,
+                                    list(d.prompts), d.split_sentences],
+                                   sort_keys=True).encode()).hexdigest()[:10]
+  size = config.model.image_size
+  if "captions" in patterns:
+    name = f"captions_{digest}"
+    tasks_caption.register_caption_task(name, patterns["captions"], vocab_path, image_size=size,
+                                        prompts=tuple(d.prompts))
+    return name, name
+  if "coco_captions" not in patterns:
+    return None, patterns["ln"]
+  ln_name, coco_name = f"ln_{digest}", f"coco_captions_{digest}"
+  tasks.register_ln_task(ln_name, patterns["ln"], vocab_path, image_size=size,
+                         prompts=tuple(d.prompts), split_sentences=d.split_sentences)
+  tasks_caption.register_ln_common_task(ln_name + "_common", ln_name)
+  tasks_caption.register_caption_task(coco_name, patterns["coco_captions"], vocab_path,
+                                      image_size=size)
+  mixtures.register_trace_stage(f"trace_stage_{digest}", coco_name, ln_name + "_common",
+                                rates=(d.coco_captions_rate, 2.0))
+  return f"trace_stage_{digest}", ln_name
 
 
 def _fast_forward(batches: Iterator[dict], skip: int, every_s: float = 10.0) -> None:
@@ -119,15 +205,19 @@ def prepare(config, workdir: str | None = None) -> Data:
   from pixel_llm.data import tasks
   from pixel_llm.data import vocab as vocab_lib
 
-  pattern, vocab_path = _sources(config)
+  patterns, vocab_path = _sources(config)
   vocab = vocab_lib.load(vocab_path)
   if vocab.vocab_size > config.model.t5.vocab_size:
     raise ValueError(f"The vocabulary {vocab_path} has {vocab.vocab_size} ids but the model's "
                      f"vocab_size is {config.model.t5.vocab_size}.")
+  train_name, eval_name = _register(config, patterns, vocab_path)
   d, inp = config.data, config.input
-  common = dict(vocab_path=vocab_path, image_size=config.model.image_size,
-                max_target_len=inp.max_target_len, max_context_len=inp.max_context_len,
-                prompts=tuple(d.prompts), split_sentences=d.split_sentences)
+  lengths = dict(image_size=config.model.image_size, max_target_len=inp.max_target_len,
+                 max_context_len=inp.max_context_len)
+  # The plain LN path defines its task from a file pattern on the fly; registered tasks carry
+  # their own vocabulary and prompts.
+  plain_ln = dict(vocab_path=vocab_path, prompts=tuple(d.prompts),
+                  split_sentences=d.split_sentences)
 
   def train_batches(skip: int = 0, shard_index: int = 0, num_shards: int = 1):
     # One fixed seed: the batch sequence is a pure function of (config, shard), so a resumed run
@@ -135,14 +225,17 @@ def prepare(config, workdir: str | None = None) -> Data:
     if config.batch_size % num_shards:
       raise ValueError(f"batch_size {config.batch_size} is not divisible by the {num_shards} "
                        "input shards (processes).")
-    batches = tasks.get_dataset(pattern, split="train", batch_size=config.batch_size // num_shards,
-                                shuffle=True, seed=config.seed, shard_index=shard_index,
-                                num_shards=num_shards, **common)
+    batches = tasks.get_dataset(train_name or patterns["ln"], split="train",
+                                batch_size=config.batch_size // num_shards, shuffle=True,
+                                seed=config.seed, shard_index=shard_index, num_shards=num_shards,
+                                **lengths, **({} if train_name else plain_ln))
     _fast_forward(batches, skip)
     return batches
 
   def eval_batches():
-    return tasks.get_dataset(pattern, split="val", batch_size=d.eval_batch_size, shuffle=False,
-                             num_epochs=1, drop_remainder=False, **common)
+    registered = eval_name in tasks.seqio.TaskRegistry.names()
+    return tasks.get_dataset(eval_name, split="val", batch_size=d.eval_batch_size, shuffle=False,
+                             num_epochs=1, drop_remainder=False, **lengths,
+                             **({} if registered else plain_ln))
 
   return Data(vocab=vocab, train_batches=train_batches, eval_batches=eval_batches)

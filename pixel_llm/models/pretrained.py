@@ -192,7 +192,8 @@ def save(params: dict, out_dir: str, reports: dict[str, SourceReport], config) -
 
 def restore_into(params: dict, checkpoint: str, patterns: Sequence[str] = ("",)) -> tuple[dict, list]:
   """Replaces the parameters of `params` whose path matches a regex of `patterns` by the values
-  stored in `checkpoint` (a `convert` output folder or its `params` subfolder).
+  stored in `checkpoint` (a `convert` output folder or its `params` subfolder, or the `state`
+  item of a training checkpoint, WORKDIR/checkpoints/<step>/state).
 
   Only matching paths present in the checkpoint are read (partial restore). A matching path with
   another shape in the checkpoint is an error; matching paths absent from it keep their value and
@@ -206,6 +207,10 @@ def restore_into(params: dict, checkpoint: str, patterns: Sequence[str] = ("",))
                             "written by `python -m pixel_llm.tools.convert`).")
   checkpointer = ocp.PyTreeCheckpointer()
   stored = traverse_util.flatten_dict(checkpointer.metadata(path).item_metadata.tree)
+  # A training checkpoint's `state` item (WORKDIR/checkpoints/<step>/state, e.g. stage 1 for
+  # stage 2) holds the parameters under "params", beside the optimizer state.
+  prefix = ("params",) if any(k[0] == "opt_state" for k in stored) else ()
+  stored = {k[len(prefix):]: v for k, v in stored.items() if k[:len(prefix)] == prefix}
   regexes = [re.compile(p) for p in patterns]
   flat = traverse_util.flatten_dict(params)
   wanted, kept, mismatched = {}, [], []
@@ -222,10 +227,11 @@ def restore_into(params: dict, checkpoint: str, patterns: Sequence[str] = ("",))
   if mismatched:
     raise checkpoint_io.CheckpointMismatchError(path, mismatched=mismatched)
   if wanted:
-    target = traverse_util.unflatten_dict(wanted)
+    target = traverse_util.unflatten_dict({prefix + k: v for k, v in wanted.items()})
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=target, partial_restore=True,
         restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)))
     for k, v in traverse_util.flatten_dict(restored).items():
+      k = k[len(prefix):]
       flat[k] = np.asarray(v, dtype=np.asarray(flat[k]).dtype)
   return traverse_util.unflatten_dict(flat), kept
