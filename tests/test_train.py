@@ -61,3 +61,21 @@ def test_train_evaluate_and_resume(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "at step 12" in out
   assert len(open(os.path.join(workdir, "train_metrics.jsonl")).readlines()) == len(lines)
+
+  # The input position: the batches after skipping k equal batches k, k+1, ... of a fresh read.
+  from pixel_llm.data import pipeline
+  data = pipeline.prepare(config)
+  fresh = data.train_batches()
+  expected = [next(fresh) for _ in range(5)]
+  resumed = data.train_batches(3)
+  for want in expected[3:]:
+    got = next(resumed)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  # Two input shards (processes): the tiny world has one file, so each shard takes its half of
+  # every global batch; together they are the one-process batches, in order.
+  halves = [next(data.train_batches(0, i, 2)) for i in range(2)]
+  for k in expected[0]:
+    np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), expected[0][k],
+                                  err_msg=k)

@@ -181,11 +181,15 @@ def get_dataset(task_or_pattern: str, *, split: str = "train", batch_size: int,
   else:
     kwargs = dict(prompts=tuple(prompts), split_sentences=split_sentences)
   task = _task_for(task_or_pattern, image_size, vocab_path, **kwargs)
-  shard = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
+  shard, example_level = tasks_common.shard_plan(task, split, shard_index, num_shards)
   ds = task.get_dataset(
       sequence_length={"targets": max_target_len, "prompt_text": max_context_len},
       split=split, shuffle=shuffle, seed=seed, shard_info=shard, num_epochs=num_epochs)
   ds = ds.map(lambda ex: preprocess.to_model_features(ex, max_target_len, max_context_len),
               num_parallel_calls=_AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(_AUTOTUNE)
-  return ds.as_numpy_iterator()
+  if example_level:  # this shard's rows of the global batch: the same batches as one process
+    ds = ds.batch(batch_size * num_shards, drop_remainder=drop_remainder)
+    ds = ds.map(lambda b: tasks_common.rows_of_shard(b, shard_index, batch_size))
+  else:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds.prefetch(_AUTOTUNE).as_numpy_iterator()

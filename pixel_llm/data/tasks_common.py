@@ -204,6 +204,25 @@ def add_task(name: str, source: seqio.DataSource, vocab: seqio.Vocabulary, prepr
   return task
 
 
+def shard_plan(provider, split: str, shard_index: int, num_shards: int
+               ) -> tuple[seqio.ShardInfo | None, bool]:
+  """(seqio ShardInfo, shard examples instead): file-level sharding (each process reads its own
+  files) when every source has at least `num_shards` files, else every process reads everything
+  and keeps its rows of each global batch (the very batches of a single process, at num_shards
+  times the reading: for small datasets)."""
+  if num_shards <= 1:
+    return None, False
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  if all(len(t.source.list_shards(split)) >= num_shards for t in tasks):
+    return seqio.ShardInfo(shard_index, num_shards), False
+  return None, True
+
+
+def rows_of_shard(batch: dict, shard_index: int, rows: int) -> dict:
+  """Rows [shard_index * rows, (shard_index + 1) * rows) of every feature of a global batch."""
+  return {k: v[shard_index * rows:(shard_index + 1) * rows] for k, v in batch.items()}
+
+
 def get_batches(name: str, *, split: str = "train", batch_size: int, shuffle: bool = True,
                 seed: int = 0, image_size: int | None = None, max_target_len: int = 128,
                 max_context_len: int = 8, num_regions: int = 1, num_epochs: int | None = None,
@@ -220,11 +239,11 @@ def get_batches(name: str, *, split: str = "train", batch_size: int, shuffle: bo
     raise ValueError(f"{name!r} was registered with image_size={IMAGE_SIZES[name]}, not "
                      f"{image_size}; register another task for that size.")
   provider = seqio.get_mixture_or_task(name)
+  shard_info, example_level = shard_plan(provider, split, shard_index, num_shards)
   kwargs = dict(sequence_length={"targets": max_target_len, "prompt_text": max_context_len,
                                  "regions": num_regions},
                 split=split, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
-                trim_output_features=False)
+                shard_info=shard_info, trim_output_features=False)
   if isinstance(provider, seqio.Mixture):
     kwargs["passthrough_features"] = list(COMMON_FEATURES) + list(extra_features)
   ds = provider.get_dataset(**kwargs)
@@ -235,5 +254,9 @@ def get_batches(name: str, *, split: str = "train", batch_size: int, shuffle: bo
   def to_float(ex):
     return {**ex, "image": tf.cast(ex["image"], tf.float32) / 255.0}
   ds = ds.map(plain(to_float), num_parallel_calls=AUTOTUNE)
-  ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
-  return ds.as_numpy_iterator()
+  if example_level:  # this shard's rows of the global batch: the same batches as one process
+    ds = ds.padded_batch(batch_size * num_shards, drop_remainder=drop_remainder)
+    ds = ds.map(plain(lambda b: rows_of_shard(b, shard_index, batch_size)))
+  else:
+    ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
+  return ds.prefetch(AUTOTUNE).as_numpy_iterator()
