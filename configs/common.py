@@ -64,7 +64,7 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
   c.prompt_encoder = dict(embed_dim=prompt_dim)
   c.prompt_extractor = dict(PROMPT_EXTRACTOR[prompt_extractor], prompt_dim=prompt_dim)
   c.t5 = dict(T5[t5], vocab_size=vocab_size, dropout_rate=0.1, lora_rank=lora_rank,
-              lora_scale=2.0)
+              lora_scale=2.0, remat=False)
   c.location_head = dict(hidden_dim=512 if t5 != "tiny" else 128, depth=4, num_points=2)
   # SAM's mask decoder (4.06 M parameters, from the SAM checkpoint); on for segmentation configs.
   c.mask_decoder = dict(enabled=mask_decoder, transformer_dim=prompt_dim)

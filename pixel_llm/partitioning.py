@@ -1,6 +1,7 @@
 """How the trainer lays its state out on a device mesh (the pjit recipe), kept out of train.py.
 
-  mesh_from_config     the (data, fsdp, tensor) mesh of `config.mesh` (-1 = the rest)
+  mesh_from_config     the (data, fsdp, tensor) mesh of `config.mesh` (-1 = the rest), over
+                       jax.devices() or given devices (e.g. a TPU topology's, `tools/aot.py`)
   split_frozen/merge   the parameter tree <-> (trainable, frozen) subtrees by the frozen labels
   opt_state_shardings  the optimizer state's shardings, each moment as its parameter
   batch_shardings      the batch split over (data, fsdp) on its leading axis
@@ -10,23 +11,39 @@
 
 Shapes: parameter trees are nested dicts of arrays; the batch is the model adapter's (B leading).
 """
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 import optax
 from flax import traverse_util
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixel_llm import sharding
 
 
-def mesh_from_config(config) -> Mesh:
-  """`config.mesh` (dict of data/fsdp/tensor sizes, one may be -1); default all data-parallel."""
+def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
+  """`config.mesh` (dict of data/fsdp/tensor sizes, one may be -1); default all data-parallel.
+
+  Given TPU `devices` (a topology's, for ahead-of-time compiles), they are laid out along the
+  physical torus as `jax.make_mesh` does, so each mesh axis must be a product of torus axis sizes.
+  """
   shape = config.get("mesh", None)
   shape = dict(shape) if shape is not None else {"data": -1}
-  return sharding.make_mesh(shape)
+  mesh = sharding.make_mesh(shape, devices)
+  if devices is None or mesh.devices.flat[0].platform != "tpu":
+    return mesh
+  try:
+    ordered = mesh_utils.create_device_mesh(mesh.devices.shape, list(devices))
+  except (NotImplementedError, ValueError, AssertionError) as e:
+    torus = [max(c) + 1 for c in zip(*(d.coords for d in devices))]
+    raise ValueError(
+        f"Mesh {dict(mesh.shape)} does not fit the TPU torus {'x'.join(map(str, torus))} "
+        f"({len(devices)} devices): each mesh axis size must be a product of torus axis sizes. "
+        f"({e})") from e
+  return Mesh(ordered, mesh.axis_names)
 
 
 # ------------------------------------------------------------------------------------------------

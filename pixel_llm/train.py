@@ -238,8 +238,9 @@ def build_training(config, mesh: Mesh, train_rng: jax.Array) -> Training:
                                  config.get("grad_accum_steps", 1)),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                  donate_argnums=0)
+  key = jax.random.key(0)  # outside the mesh: a TPU topology's abstract devices hold no arrays
   with _mesh_context(mesh):
-    abstract_state = partitioning.with_shardings(jax.eval_shape(init, jax.random.key(0)), state_sh)
+    abstract_state = partitioning.with_shardings(jax.eval_shape(init, key), state_sh)
   return Training(model, mesh, tx, schedule, boxed, labels, param_sh, state_sh, abstract_state,
                   _in_mesh(mesh, init), _in_mesh(mesh, step), cast_frozen, step)
 

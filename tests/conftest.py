@@ -16,6 +16,11 @@ import types
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# libtpu (for the ahead-of-time TPU compiles of tests/test_aot.py) is installed with the test extra:
+# keep jax on the CPU backend (topology descriptions still work) and let several processes (xdist
+# workers) load libtpu at once.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 if "torchvision" not in sys.modules:
   for _name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):

@@ -262,3 +262,26 @@ def test_lora_gradients(tiny_params):
       assert np.abs(g).max() > 0, name
     else:  # B = 0 blocks A's gradient at the first step.
       assert np.abs(g).max() == 0, name
+
+
+def test_remat_keeps_parameters_outputs_and_gradients():
+  """remat=True: the same parameter tree (checkpoints still load), the same loss and gradients,
+  in training mode with dropout (the same dropout masks: `train` stays a static argument)."""
+  base = dataclasses.replace(TINY, num_layers=1, num_decoder_layers=1)
+  plain, remat = t5.T5(base), t5.T5(dataclasses.replace(base, remat=True))
+  enc, dec = _batch(4)
+  assert jax.tree.structure(_init_shapes(base)) == jax.tree.structure(
+      _init_shapes(dataclasses.replace(base, remat=True)))
+  params = nn.meta.unbox(plain.init(jax.random.key(0), enc, dec)["params"])
+
+  def loss(model, p):
+    logits, _ = model.apply({"params": p}, enc, dec, train=True,
+                            rngs={"dropout": jax.random.key(2)})
+    return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+  (l0, g0), (l1, g1) = [jax.jit(jax.value_and_grad(functools.partial(loss, m)),
+                                compiler_options=_JIT["compiler_options"])(params)
+                        for m in (plain, remat)]
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

@@ -75,6 +75,7 @@ class T5Config:
   lora_rank: int = 0  # 0 = no LoRA; PixelLLM uses 32.
   lora_scale: float = 2.0
   lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+  remat: bool = False  # rematerialise each block in the backward pass (training memory)
 
   def __post_init__(self):
     unknown = set(self.lora_targets) - set(LORA_TARGETS)
@@ -287,10 +288,11 @@ class Block(nn.Module):
   is_decoder: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, bias: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array,
                encoded: jax.Array | None = None, encoder_mask: jax.Array | None = None,
                train: bool = False, **cache_kw) -> jax.Array:
-    """cache_kw: `decode`, `cache_index`, `max_length` of a cached decoder step (see Attention)."""
+    """cache_kw: `decode`, `cache_index`, `max_length` of a cached decoder step (see Attention).
+    Positional arguments, so that `nn.remat` can mark `train` (index 6 with self) static."""
     cfg = self.config
     stack = "decoder" if self.is_decoder else "encoder"
     x = SubLayer(cfg, "self", cfg.lora_projections(stack, "self"), name="layer_0")(
@@ -360,10 +362,11 @@ class Stack(nn.Module):
         encoder_mask = encoder_mask[:, None, None, :]
     x = _dropout(x, cfg.dropout_rate, train)
     layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
+    remat = cfg.remat and not decode
+    block_cls = nn.remat(Block, static_argnums=(6,)) if remat else Block
     for i in range(layers):  # A scan over identical blocks can replace this loop later.
-      x = Block(cfg, self.is_decoder, name=f"block_{i}")(
-          x, bias=bias, mask=self_mask, encoded=encoded, encoder_mask=encoder_mask, train=train,
-          **cache_kw)
+      x = block_cls(cfg, self.is_decoder, name=f"block_{i}")(
+          x, bias, self_mask, encoded, encoder_mask, train, **cache_kw)
     return RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_layer_norm")(x)
 
 
