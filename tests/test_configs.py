@@ -5,7 +5,8 @@ import pathlib
 import pytest
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
-VARIANTS = {"ln.py": [None, "toy", "t5=base", "sam=vit_b,eva02=B", "extractor=paper"]}
+VARIANTS = {"ln.py": [None, "toy", "t5=base", "sam=vit_b,eva02=B", "extractor=paper"],
+            "webli.py": [None, "toy", "t5=base"]}
 
 
 def _load(path):
