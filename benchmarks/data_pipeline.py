@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 
+import hardware  # benchmarks/hardware.py (this script's folder is on sys.path)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -192,17 +193,6 @@ def throughput(batches, batch_size: int, warmup: int, num: int) -> dict:
           "warmup_seconds": round(t1 - t0, 3)}
 
 
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
 def main(args) -> None:
   root = ensure_data(args)
   rec = os.path.join(root, "tfrecords")
@@ -240,7 +230,7 @@ def main(args) -> None:
       "settings": vars(args),
       "data_dir": root,
       "results": results,
-      "hardware": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+      "hardware": {"cpu": hardware.cpu_name(), "cpu_count": os.cpu_count(),
                    "cpus_used": cpus,
                    "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
                    "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),

@@ -29,6 +29,7 @@ import tempfile
 import time
 import types
 
+import hardware  # benchmarks/hardware.py (this script's folder is on sys.path)
 
 def _threads_flag() -> int:
   """--threads must act before jax and torch start their thread pools."""
@@ -90,17 +91,6 @@ def _timed(fn, repeats: int) -> tuple[float, float, object]:
     out = fn()
     times.append(time.perf_counter() - t0)
   return warm, statistics.median(times), out
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def main():
@@ -212,7 +202,7 @@ def main():
         "results": results,
         "ratios": ratios,
         "hardware": {"jax_device": str(device), "platform": device.platform,
-                     "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+                     "cpu": hardware.cpu_name(), "cpu_count": os.cpu_count(),
                      "torch_threads": torch.get_num_threads(),
                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
                      "load_average": os.getloadavg()},
