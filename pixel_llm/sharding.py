@@ -41,6 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("relpos", None),
     ("pos", None),
     ("tokens", None),
+    ("layers", None),  # the stacked-layer axis of scanned towers (scan over layers)
 )
 
 

@@ -14,6 +14,7 @@ table (`pixel_llm.sharding.LOGICAL_RULES`) decides how it is laid out on a devic
   relpos   relative-position tables and buckets (replicated)
   pos      position-embedding grids (replicated)
   tokens   learned token tables such as output tokens or point-type embeddings (replicated)
+  layers   the leading layer axis of parameters stacked by a scan over layers (replicated)
 
 Activations use `batch`, `length`, `act_embed`, `act_mlp`, `act_heads` (see `constrain`).
 
@@ -35,6 +36,18 @@ Initializer = Callable[..., jax.Array]
 # i.e. variance_scaling(1/3, fan_in, uniform). Used where we mirror torch modules initialised from scratch.
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 default_kernel_init = nn.initializers.lecun_normal()
+
+
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint_policies` entry called `name` (what a rematerialised block keeps from the
+  forward pass; "nothing_saveable" recomputes everything and stores only block inputs)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat policy {name!r}; choose one of {REMAT_POLICIES}.")
+  return getattr(jax.checkpoint_policies, name)
 
 
 def with_axes(init: Initializer, axes: Sequence[str | None]) -> Initializer:
