@@ -36,6 +36,8 @@ EXTRAS = {
         "torchvision==0.28.0",
         "transformers>=5.24",
         "timm>=1.0.31",
+        # Parity of pixel_llm.metrics with the COCO caption toolkit (bundles the METEOR 1.5 jar).
+        "pycocoevalcap>=1.2",
         # Ahead-of-time compiles for TPU topologies on CPU (pixel_llm.tools.aot, tests/test_aot.py):
         # the libtpu that jax[tpu]==0.10.2 pins.
         "libtpu==0.0.42.1; sys_platform == 'linux'",

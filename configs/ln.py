@@ -91,5 +91,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # MFU needs the device's peak FLOP/s; 0 = look it up (train.PEAK_FLOPS) from jax's device_kind.
   c.peak_flops_per_device = 0.0
   c.eval_every_steps = 2500 if not a.toy else 500
+  # What the trainer's evaluations and `pixel_llm.eval` run (pixel_llm/evaluation.py); the paper
+  # reports LN captioning + trace on COCO val. Add "meteor" where Java is installed.
+  c.evals = ml_collections.ConfigDict({"ln_val": {
+      "kind": "caption_trace",
+      "metrics": ("token_accuracy", "trace_l1", "cider", "bleu", "rouge_l")}})
   c.log_every_steps = 50 if not a.toy else 50
   return c

@@ -1,35 +1,80 @@
-"""Captioning-with-trace evaluation on held-out images (used by the trainer; later by pixel_llm.eval).
+"""Evaluators: the plug-ins that `pixel_llm.eval` and the trainer run on held-out data.
 
-Metrics:
+`config.evals` names the evaluations to run, each a dict with its `kind` (a key of `EVALUATORS`)
+and options; without it every config gets `DEFAULT_EVALS`:
+
+  config.evals = {"ln_val": {"kind": "caption_trace",
+                             "metrics": ("token_accuracy", "trace_l1", "cider", "bleu", "rouge_l")}}
+
+An evaluator's `run(params, step, vis_dir)` returns (metrics: dict[str, float], predictions: list of
+per-example JSON-able dicts). `run_all` runs them all and, given an output folder, writes
+`<name>.json` (the metrics and the step) and `<name>.predictions.jsonl` (one line per example) for
+each; the trainer's final evaluation and the eval binary both go through it, so their numbers are
+the same for the same checkpoint.
+
+caption_trace metrics (the paper's LN captioning + trace evaluation, on the held-out split):
   token_accuracy  teacher-forced top-1 accuracy over target tokens (EOS included)
   trace_l1        teacher-forced mean |predicted - target| over the K points of every token that has
                   a trace target, in normalised image coordinates (the release's point L1)
   cider           CIDEr-D of greedy-decoded captions against the reference caption(s) of each image
+  bleu            BLEU-1..4 (reported as bleu_1 .. bleu_4), rouge_l, meteor (needs Java): the COCO
+                  caption toolkit's definitions (`pixel_llm.metrics`)
 """
+import json
 import os
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from pixel_llm import metrics
+from pixel_llm import metrics as metrics_lib
 from pixel_llm import visualize
 from pixel_llm.data import pipeline
 
+DEFAULT_EVALS = {"ln_val": {"kind": "caption_trace"}}
+CAPTION_METRICS = ("token_accuracy", "trace_l1", "cider")
+KNOWN_METRICS = ("token_accuracy", "trace_l1", "cider", "bleu", "rouge_l", "meteor")
 
-class Evaluator:
-  """Runs the captioning-with-trace evaluation over `data.eval_batches()`."""
 
-  def __init__(self, model, data, config, num_visualizations: int = 4):
+def _text(x) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _caption_scores(name: str, predictions: dict, references: dict) -> dict[str, float]:
+  """One generated-text metric over the whole corpus (corpus-level, as the toolkit scores)."""
+  if not predictions:
+    return {name: 0.0}
+  if name == "cider":
+    return {"cider": metrics_lib.cider_d(predictions, references)}
+  if name == "bleu":
+    return {f"bleu_{n}": v for n, v in enumerate(metrics_lib.bleu(predictions, references), 1)}
+  if name == "rouge_l":
+    return {"rouge_l": metrics_lib.rouge_l(predictions, references)}
+  if name == "meteor":
+    return {"meteor": metrics_lib.meteor(predictions, references)}
+  raise AssertionError(name)  # names are checked against KNOWN_METRICS up front
+
+
+class CaptionTraceEvaluator:
+  """Captioning with a trace: teacher-forced accuracy and point L1, greedy captions scored against
+  the references of `data.eval_batches()`."""
+
+  def __init__(self, model, data, config, *, metrics=CAPTION_METRICS, num_visualizations: int = 4,
+               max_decode_len: int | None = None):
+    unknown = [m for m in metrics if m not in KNOWN_METRICS]
+    if unknown:
+      raise ValueError(f"Unknown caption_trace metrics {unknown}; known: {KNOWN_METRICS}.")
     self.model = model
     self.data = data
-    self.max_decode_len = config.input.max_target_len
+    self.metrics = tuple(metrics)
+    self.max_decode_len = max_decode_len or config.input.max_target_len
     self.num_visualizations = num_visualizations
     self._loss = jax.jit(lambda p, b: model.loss_fn(p, b, None, train=False)[1])
     self._predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_len=self.max_decode_len))
 
-  def run(self, params, step: int, vis_dir: str | None = None) -> dict[str, float]:
+  def run(self, params, step: int, vis_dir: str | None = None) -> tuple[dict[str, float], list]:
     acc_sum = acc_n = l1_sum = l1_n = 0.0
-    predictions, references, shown = {}, {}, 0
+    predictions, references, rows, shown = {}, {}, [], 0
     for batch in self.data.eval_batches():
       model_batch = {k: v for k, v in batch.items() if k in pipeline.MODEL_KEYS}
       m = jax.device_get(self._loss(params, model_batch))
@@ -39,21 +84,70 @@ class Evaluator:
       l1_n += float(m["num_point_tokens"])
       pred = jax.device_get(self._predict(params, model_batch))
       for i, image_id in enumerate(batch["image_id"]):
-        key = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
+        key = _text(image_id)
         words, word_points = visualize.words_from_tokens(self.data.vocab, pred["tokens"][i, 0],
                                                           pred["points"][i, 0])
         predictions[key] = " ".join(words)
-        references[key] = [c.decode() if isinstance(c, bytes) else str(c)
-                           for c in np.ravel(batch["caption"][i]) if len(c)]
+        references[key] = [_text(c) for c in np.ravel(batch["caption"][i]) if len(c)]
+        rows.append({"image_id": key, "prediction": predictions[key],
+                     "references": references[key],
+                     "points": np.round(np.asarray(word_points, np.float64), 5).tolist()})
         if vis_dir and shown < self.num_visualizations:
           os.makedirs(vis_dir, exist_ok=True)
           visualize.save_caption_png(os.path.join(vis_dir, f"step{step:06d}_{key}.png"),
                                      batch["image"][i], words, word_points,
                                      title=f"step {step} | image {key}")
           shown += 1
-    return {
-        "token_accuracy": acc_sum / max(acc_n, 1.0),
-        "trace_l1": l1_sum / max(l1_n, 1.0),
-        "cider": metrics.cider_d(predictions, references) if predictions else 0.0,
-        "num_images": float(len(predictions)),
-    }
+    result = {}
+    for name in self.metrics:
+      if name == "token_accuracy":
+        result[name] = acc_sum / max(acc_n, 1.0)
+      elif name == "trace_l1":
+        result[name] = l1_sum / max(l1_n, 1.0)
+      else:
+        result.update(_caption_scores(name, predictions, references))
+    result["num_images"] = float(len(predictions))
+    return result, rows
+
+
+EVALUATORS: dict[str, Callable[..., Any]] = {"caption_trace": CaptionTraceEvaluator}
+
+
+def build_evaluators(model, data, config, only: tuple[str, ...] = ()) -> dict[str, Any]:
+  """{name: evaluator} from `config.evals` (default `DEFAULT_EVALS`); `only` picks some names."""
+  specs = {k: dict(v) for k, v in dict(config.get("evals", None) or DEFAULT_EVALS).items()}
+  unknown = [n for n in only if n not in specs]
+  if unknown:
+    raise ValueError(f"No evaluation named {unknown} in config.evals (it has {sorted(specs)}).")
+  evaluators = {}
+  for name, spec in specs.items():
+    if only and name not in only:
+      continue
+    kind = spec.pop("kind", "caption_trace")
+    if kind not in EVALUATORS:
+      raise ValueError(f"config.evals.{name}.kind = {kind!r} is not an evaluator; known: "
+                       f"{sorted(EVALUATORS)}.")
+    evaluators[name] = EVALUATORS[kind](model, data, config, **spec)
+  return evaluators
+
+
+def run_all(evaluators: dict, params, step: int, *, out_dir: str | None = None,
+            vis_dir: str | None = None) -> dict[str, dict[str, float]]:
+  """Runs every evaluator; writes `<out_dir>/<name>.json` and `.predictions.jsonl` if given."""
+  results = {}
+  for name, evaluator in evaluators.items():
+    result, rows = evaluator.run(params, step, vis_dir)
+    results[name] = result
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+      with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"step": step, **result}, f, indent=2)
+      with open(os.path.join(out_dir, f"{name}.predictions.jsonl"), "w") as f:
+        for row in rows:
+          f.write(json.dumps(row) + "\n")
+  return results
+
+
+def flat(results: dict[str, dict[str, float]]) -> dict[str, float]:
+  """{"name/metric": value}, for TensorBoard and the console."""
+  return {f"{name}/{k}": v for name, r in results.items() for k, v in r.items()}

@@ -4,7 +4,8 @@ r"""Trains PixelLLM, sharded over a (data, fsdp, tensor) device mesh (pjit style
 
 The workdir receives: model-info.txt (every parameter's shape, logical axes and sharding),
 checkpoints/ (orbax; a rerun of the same command resumes from the latest), train_metrics.jsonl (one
-JSON line per logged step), metrics.json (the final evaluation), visualizations/*.png (each
+JSON line per logged step), metrics.json (the final evaluation: {eval name: metrics}, steps) and
+eval/<name>.json + eval/<name>.predictions.jsonl (as `pixel_llm.eval` writes), visualizations/*.png (each
 generated word's location in its colour), tensorboard/ (the same scalars). Multi-host: run the
 same command on every host (`jax.distributed` is initialised from the environment on TPU pods and
 SLURM, see launch/); each process reads its shard of every batch and only process 0 writes files.
@@ -386,7 +387,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sharding, v)
             for k, v in local.items() if k in pipeline.MODEL_KEYS}
 
-  evaluator = evaluation.Evaluator(training.model, data, config)
+  evaluators = evaluation.build_evaluators(training.model, data, config)
 
   # ---------------------------------------------------------------------------------------------
   # Train loop: log, evaluate and checkpoint periodically. The skip guard reads the previous
@@ -442,8 +443,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 flush=True)
         return {"preempted_at_step": step}
       if step % config.eval_every_steps == 0 and step != total:
-        result = evaluator.run(state["params"], step, os.path.join(workdir, "visualizations")
-                               if lead else None)
+        result = evaluation.flat(evaluation.run_all(
+            evaluators, state["params"], step,
+            vis_dir=os.path.join(workdir, "visualizations") if lead else None))
         writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
         if lead:
           print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()),
@@ -458,11 +460,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.flush()
   if not config.get("final_eval", True):
     return {"steps": total, "wall_seconds": time.time() - start_time}
-  result = evaluator.run(state["params"], total, os.path.join(workdir, "visualizations")
-                         if lead else None)
-  writer.write_scalars(total, {f"eval/{k}": v for k, v in result.items()})
+  # The same evaluators and files as `pixel_llm.eval --checkpoint=WORKDIR` (WORKDIR/eval/).
+  results = evaluation.run_all(evaluators, state["params"], total,
+                               out_dir=os.path.join(workdir, "eval") if lead else None,
+                               vis_dir=os.path.join(workdir, "visualizations") if lead else None)
+  writer.write_scalars(total, {f"eval/{k}": v for k, v in evaluation.flat(results).items()})
   writer.flush()
-  result.update(steps=total, wall_seconds=time.time() - start_time)
+  result = {**results, "steps": total, "wall_seconds": time.time() - start_time}
   if lead:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(result, f, indent=2)

@@ -39,14 +39,30 @@ def test_train_evaluate_and_resume(tmp_path, capsys):
     assert all(np.isfinite(l[key]) for l in lines), key
   assert lines[-1]["loss"] < lines[0]["loss"]
 
-  # Final evaluation, on disk and returned.
+  # Final evaluation, on disk and returned: metrics.json, and eval/ln_val.json + predictions as
+  # the eval binary writes them.
   with open(os.path.join(workdir, "metrics.json")) as f:
     on_disk = json.load(f)
-  for key in ("token_accuracy", "cider", "trace_l1", "steps", "wall_seconds"):
-    assert key in on_disk and np.isfinite(on_disk[key]), key
-  assert on_disk["steps"] == 12 and on_disk["num_images"] == 4
-  assert 0.0 <= on_disk["token_accuracy"] <= 1.0 and on_disk["trace_l1"] > 0
-  assert on_disk == result
+  assert on_disk == result and on_disk["steps"] == 12 and np.isfinite(on_disk["wall_seconds"])
+  logged = on_disk["ln_val"]
+  for key in ("token_accuracy", "cider", "trace_l1"):
+    assert key in logged and np.isfinite(logged[key]), key
+  assert logged["num_images"] == 4
+  assert 0.0 <= logged["token_accuracy"] <= 1.0 and logged["trace_l1"] > 0
+  with open(os.path.join(workdir, "eval", "ln_val.json")) as f:
+    assert json.load(f) == {"step": 12, **logged}
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "eval", "ln_val.predictions.jsonl"))]
+  assert len(rows) == 4 and all(r["references"] and "prediction" in r for r in rows)
+
+  # `pixel_llm.eval` on the checkpoint reproduces the trainer's numbers (same step, same params).
+  from pixel_llm import eval as eval_lib
+  out = tmp_path / "eval_out"
+  again = eval_lib.evaluate(config, workdir, output_dir=str(out))
+  assert again == {"ln_val": logged}
+  with open(out / "ln_val.json") as f:
+    assert json.load(f) == {"step": 12, **logged}
+  assert [json.loads(l) for l in open(out / "ln_val.predictions.jsonl")] == rows
+  assert os.listdir(out / "tensorboard")
 
   # A picture a person can judge: written and not blank.
   pngs = sorted(os.listdir(os.path.join(workdir, "visualizations")))
