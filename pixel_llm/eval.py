@@ -16,6 +16,7 @@ Restoring reads the whole train state (the optimizer moments of the trainable pa
 import json
 import os
 import re
+import sys
 import time
 
 import jax
@@ -100,6 +101,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   train.initialize_distributed()
+  try:
+    resolve_checkpoint(_CHECKPOINT.value, _STEP.value)
+  except (FileNotFoundError, ValueError) as e:  # a wrong path is a usage error, not a crash
+    sys.exit(f"pixel_llm.eval: {e}")
   evaluate(_CONFIG.value, _CHECKPOINT.value, step=_STEP.value, output_dir=_OUTPUT_DIR.value,
            only=tuple(_EVALS.value))
 
