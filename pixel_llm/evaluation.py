@@ -19,6 +19,8 @@ caption_trace metrics (the paper's LN captioning + trace evaluation, on the held
   cider           CIDEr-D of greedy-decoded captions against the reference caption(s) of each image
   bleu            BLEU-1..4 (reported as bleu_1 .. bleu_4), rouge_l, meteor (needs Java): the COCO
                   caption toolkit's definitions (`pixel_llm.metrics`)
+
+referring metrics (RefCOCO/+/g box protocol): precision_at_0.5 (P@1, IoU > 0.5), mean_iou.
 """
 import json
 import os
@@ -110,7 +112,52 @@ class CaptionTraceEvaluator:
     return result, rows
 
 
-EVALUATORS: dict[str, Callable[..., Any]] = {"caption_trace": CaptionTraceEvaluator}
+class ReferringEvaluator:
+  """Referring localization (RefCOCO protocol): the expression is the teacher-forced decoder input
+  (`model.locate_batch`: the box read where EOS is predicted), scored against `gt_boxes` of the
+  eval batches (the RefCOCO tasks' extra feature) by Precision@1 at IoU > 0.5 (strict, as the
+  release) and mean IoU. Boxes are compared in the padded image's normalised frame: the resize is
+  uniform, so IoU equals the IoU in original pixels. Corners are ordered before scoring."""
+
+  def __init__(self, model, data, config, *, iou_threshold: float = 0.5):
+    del config
+    self.data = data
+    self.iou_threshold = iou_threshold
+    self._locate = jax.jit(model.locate_batch)
+
+  def run(self, params, step: int, vis_dir: str | None = None) -> tuple[dict[str, float], list]:
+    del step, vis_dir
+    predicted, truth, rows = [], [], []
+    for batch in self.data.eval_batches():
+      if "gt_boxes" not in batch:
+        raise ValueError("The referring evaluator needs eval batches with gt_boxes (a RefCOCO "
+                         "task: config.data.task='refcoco').")
+      model_batch = {k: v for k, v in batch.items() if k in pipeline.MODEL_KEYS}
+      points = np.asarray(jax.device_get(self._locate(params, model_batch)))[:, 0]  # [B, K, 2]
+      if points.shape[1] != 2:
+        raise ValueError(f"Referring boxes need a 2-point location head, not K={points.shape[1]}.")
+      boxes = np.concatenate([points.min(1), points.max(1)], -1)  # [B, 4] x0 y0 x1 y1
+      gt = np.asarray(batch["gt_boxes"])[:, 0]
+      for i in range(len(boxes)):
+        predicted.append(boxes[i])
+        truth.append(gt[i])
+        rows.append({"image_id": _text(batch["image_id"][i]),
+                     "expression": _text(np.ravel(batch["caption"][i])[0]),
+                     "box": np.round(boxes[i].astype(np.float64), 5).tolist(),
+                     "gt_box": np.round(gt[i].astype(np.float64), 5).tolist()})
+    if not predicted:
+      return {"precision_at_0.5": 0.0, "mean_iou": 0.0, "num_expressions": 0.0}, rows
+    predicted, truth = np.stack(predicted), np.stack(truth)
+    ious = metrics_lib.paired_box_iou(predicted, truth)
+    for row, iou in zip(rows, ious):
+      row["iou"] = round(float(iou), 5)
+    return {f"precision_at_{self.iou_threshold:g}": metrics_lib.box_precision_at(
+                predicted, truth, iou=self.iou_threshold),
+            "mean_iou": float(np.mean(ious)), "num_expressions": float(len(ious))}, rows
+
+
+EVALUATORS: dict[str, Callable[..., Any]] = {"caption_trace": CaptionTraceEvaluator,
+                                             "referring": ReferringEvaluator}
 
 
 def build_evaluators(model, data, config, only: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -110,6 +110,19 @@ class PixelLLMModel:
     tok = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
     return (tok * (targets > 0)).sum(-1)
 
+  def locate_batch(self, params, batch: dict[str, Any]) -> jax.Array:
+    """Referring localization, teacher forced: the K points predicted at the position whose target
+    is EOS (the last target token), i.e. where the decoder has read the whole expression: the
+    release's convention and the "Box at EOS" of `data/tasks_common.py`.
+
+    Returns float32[B, R, K, 2] in normalised coordinates of the padded image (x, y); with K = 2
+    the box [x0, y0, x1, y1] is `reshape(B, R, 4)` (corners as predicted, not ordered).
+    """
+    out, _ = self._apply(params, batch, train=False, rng=None)
+    n = (batch["decoder_target_tokens"] > 0).sum(-1)  # [B, R]; EOS is the last target token
+    at = jnp.maximum(n - 1, 0)[..., None, None, None]
+    return jnp.take_along_axis(out["points"], at, axis=2)[:, :, 0].astype(jnp.float32)
+
   def predict_batch(self, params, batch: dict[str, Any], *, max_decode_len: int,
                     method: str = "greedy", beam_size: int = 4, length_penalty: float = 0.6,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -6,6 +6,10 @@
               paper's trace stage is r = 1). Evaluation: the LN val split.
   "captions"  image-caption pre-training on COCO-captions-schema records (WebLI pairs built with
               `python -m pixel_llm.data.build webli`, or COCO captions); stage 1, `configs/webli.py`.
+  "refcoco"   referring localization (`tasks_refcoco`, kind `config.data.refcoco_kind`: "loc" =
+              expression prompt, box as 2 points where EOS is predicted; "loco" = GT box prompt,
+              expression target) on records of `python -m pixel_llm.data.build refcoco`; eval on
+              the val split (`configs/refcoco.py`).
 `config.data.source`:
   "synthetic"  generate the synthetic world once into a cache (LN format, plus the COCO-captions
                and WebLI formats when the task needs them), build its TFRecords with the same
@@ -13,7 +17,7 @@
                `config.data.root`, else $PIXEL_LLM_DATA_DIR/synthetic-<settings>, else
                ~/.cache/pixel_llm/synthetic-<settings>.
   "files"      (or "ln") real TFRecords: `config.data.tfrecords` (pattern with "{split}"; LN records for task
-               "ln", caption records for "captions") and `config.data.vocab` (Flan-T5's
+               "ln", caption records for "captions", RefCOCO records for "refcoco") and `config.data.vocab` (Flan-T5's
                spiece.model), or the environment variables PIXEL_LLM_LN_TFRECORDS /
                PIXEL_LLM_CAPTIONS_TFRECORDS and PIXEL_LLM_VOCAB; COCO captions for the mixture from
                `config.data.coco_captions_tfrecords` or PIXEL_LLM_COCO_CAPTIONS_TFRECORDS.
@@ -47,6 +51,8 @@ def _synthetic_formats(config) -> tuple[str, ...]:
   d = config.data
   if d.get("task", "ln") == "captions":
     return ("webli",)
+  if d.get("task", "ln") == "refcoco":
+    return ("refcoco",)
   return ("coco_captions",) if d.get("coco_captions_rate", 0.0) > 0 else ()
 
 
@@ -98,6 +104,12 @@ def ensure_synthetic(config) -> str:
       path, = synthetic_formats.write_coco_captions(tmp, examples, d.seed)[:1]
       _build(["coco_captions", "--captions", path, "--images", images, "--out", records,
               "--split", split])
+    if "refcoco" in formats:  # the val images' refs are split val/testA/testB (image id mod 3)
+      from pixel_llm.data import synthetic_formats
+      info = synthetic_formats.write_refcoco(os.path.join(tmp, f"refcoco_{split}"), examples,
+                                             d.seed)
+      _build(["refcoco", "--refs", info["refs"], "--instances", info["instances"], "--images",
+              images, "--out", records, "--split", split])
     if "webli" in formats:
       from pixel_llm.data import synthetic_regions
       path = synthetic_regions.write_webli(tmp, examples, d.seed)
@@ -127,12 +139,13 @@ def _sources(config) -> tuple[dict[str, str], str]:
   """({"ln" | "captions" | "coco_captions": TFRecord pattern with "{split}"}, vocabulary path)."""
   d = config.data
   task = d.get("task", "ln")
-  if task not in ("ln", "captions"):
-    raise ValueError(f"Unknown config.data.task {task!r}; use 'ln' or 'captions'.")
+  if task not in ("ln", "captions", "refcoco"):
+    raise ValueError(f"Unknown config.data.task {task!r}; use 'ln', 'captions' or 'refcoco'.")
   mix = task == "ln" and d.get("coco_captions_rate", 0.0) > 0
   if d.source == "synthetic":
     root = os.path.join(ensure_synthetic(config), "tfrecords")
-    names = {"ln": "ln", "captions": "webli", "coco_captions": "coco_captions"}
+    names = {"ln": "ln", "captions": "webli", "coco_captions": "coco_captions",
+             "refcoco": "refcoco"}
     wanted = [task] + (["coco_captions"] if mix else [])
     return ({k: os.path.join(root, names[k] + "_{split}.tfrecord-*") for k in wanted},
             os.path.join(os.path.dirname(root), "spiece.model"))
@@ -148,6 +161,9 @@ def _sources(config) -> tuple[dict[str, str], str]:
   if task == "captions":
     patterns = {"captions": _files(config, "tfrecords", "PIXEL_LLM_CAPTIONS_TFRECORDS",
                                    "image-caption", "webli")}
+  elif task == "refcoco":
+    patterns = {"refcoco": _files(config, "tfrecords", "PIXEL_LLM_REFCOCO_TFRECORDS", "RefCOCO",
+                                  "refcoco")}
   else:
     patterns = {"ln": _files(config, "tfrecords", "PIXEL_LLM_LN_TFRECORDS", "LN", "ln")}
   if mix:
@@ -160,7 +176,7 @@ def _sources(config) -> tuple[dict[str, str], str]:
 def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | None, str]:
   """Registers the seqio tasks of `patterns`; (common-format train Task/Mixture name or None for
   the plain LN path, eval Task name or pattern)."""
-  from pixel_llm.data import mixtures, tasks, tasks_caption
+  from pixel_llm.data import mixtures, tasks, tasks_caption, tasks_refcoco
 
   d = config.data
   digest = hashlib.sha1(json.dumps([patterns, vocab_path, config.model.image_size,
@@ -171,6 +187,14 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
     name = f"captions_{digest}"
     tasks_caption.register_caption_task(name, patterns["captions"], vocab_path, image_size=size,
                                         prompts=tuple(d.prompts))
+    return name, name
+  if "refcoco" in patterns:
+    kind = d.get("refcoco_kind", "loc")
+    name = f"refcoco_{kind}_{digest}"
+    tasks_refcoco.register_refcoco_task(
+        name, patterns["refcoco"], vocab_path, kind=kind, image_size=size,
+        splits=("train", "val"), prompt_prefix=d.get("refcoco_prompt_prefix", ""),
+        caption_loss=d.get("refcoco_caption_loss", False))
     return name, name
   if "coco_captions" not in patterns:
     return None, patterns["ln"]
