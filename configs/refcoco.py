@@ -6,7 +6,7 @@ the text prompt and the teacher-forced decoder input; the box is regressed as th
 location head at the position that predicts EOS; the text loss is off (RefCOCO's task mask is
 `['point']` only). Evaluation is teacher-forced with the ground-truth expression, as the release's
 (its text loss is off, so generated expressions would mean nothing): box Precision@1 at IoU > 0.5
-and mean IoU on the val split. Paper, T5-XL: RefCOCO val 90.3, testA 92.3, testB 86.8.
+and mean IoU on every eval split (`PAPER_P_AT_05` below has the paper's T5-XL numbers).
 
 Data: `python -m pixel_llm.data.build refcoco --refs 'refs(unc).p' --instances instances.json
 --images train2014 --out tfrecords/refcoco --split train` (and val, testA, testB), then
@@ -21,19 +21,37 @@ Commands:
 The toy trains the tiny network from scratch on the synthetic world's RefCOCO-format refs (written
 and built on first use; expressions such as "the red circle left of the square"), 128-px images,
 batch 16; see the README for what it reaches and how long it takes on 2 CPU cores.
-Variants as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
+Variants: dataset=<refcoco|refcoco+|refcocog> (its eval splits: RefCOCO/+ val, testA, testB; RefCOCOg
+val, test), and as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
 """
 import ml_collections
 
 from configs import ln
 
 
+# Evaluation splits of each dataset (UNC splits for RefCOCO/RefCOCO+, UMD for RefCOCOg) and the
+# paper's T5-XL box P@0.5 on them (Table 4; `anchor_scenic_pixel_llm.md` section 7).
+EVAL_SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco+": ("val", "testA", "testB"),
+               "refcocog": ("val", "test")}
+PAPER_P_AT_05 = {"refcoco": (90.3, 92.3, 86.8), "refcoco+": (83.7, 87.2, 78.5),
+                 "refcocog": (84.5, 85.7)}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = ln.get_config(arg)
+  own, rest = [], []
+  for item in filter(None, (arg or "").split(",")):
+    (own if item.startswith("dataset=") else rest).append(item)
+  dataset = own[-1].partition("=")[2] if own else "refcoco"
+  if dataset not in EVAL_SPLITS:
+    raise ValueError(f"Unknown dataset {dataset!r}; known: {sorted(EVAL_SPLITS)}")
+  c = ln.get_config(",".join(rest))
   toy = c.name.endswith(":toy")
-  c.name = "refcoco" + (":toy" if toy else "")
+  c.name = dataset + (":toy" if toy else "")
+  # The synthetic world has train and val refs only (its val images are split val/testA/testB
+  # by image id, and only val is built).
+  splits = ("val",) if toy else EVAL_SPLITS[dataset]
   c.data.update(task="refcoco", coco_captions_rate=0.0, refcoco_kind="loc",
-                refcoco_prompt_prefix="", refcoco_caption_loss=False)
+                refcoco_prompt_prefix="", refcoco_caption_loss=False, eval_splits=splits)
   if not toy:
     c.data.source = "files"  # real TFRecords: see the module docstring
   c.input.max_target_len = 16 if toy else 40
@@ -45,5 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.weight_decay = 0.0
   c.checkpoint_every_steps = 500 if toy else 1_000
   c.eval_every_steps = 500 if toy else 2_500
-  c.evals = ml_collections.ConfigDict({"refcoco_val": {"kind": "referring"}})
+  c.evals = ml_collections.ConfigDict({
+      f"{dataset.replace('+', 'plus')}_{split}": {"kind": "referring", "split": split}
+      for split in splits})
   return c

@@ -62,7 +62,7 @@ class CaptionTraceEvaluator:
   the references of `data.eval_batches()`."""
 
   def __init__(self, model, data, config, *, metrics=CAPTION_METRICS, num_visualizations: int = 4,
-               max_decode_len: int | None = None):
+               max_decode_len: int | None = None, split: str = "val"):
     unknown = [m for m in metrics if m not in KNOWN_METRICS]
     if unknown:
       raise ValueError(f"Unknown caption_trace metrics {unknown}; known: {KNOWN_METRICS}.")
@@ -71,13 +71,14 @@ class CaptionTraceEvaluator:
     self.metrics = tuple(metrics)
     self.max_decode_len = max_decode_len or config.input.max_target_len
     self.num_visualizations = num_visualizations
+    self.split = split
     self._loss = jax.jit(lambda p, b: model.loss_fn(p, b, None, train=False)[1])
     self._predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_len=self.max_decode_len))
 
   def run(self, params, step: int, vis_dir: str | None = None) -> tuple[dict[str, float], list]:
     acc_sum = acc_n = l1_sum = l1_n = 0.0
     predictions, references, rows, shown = {}, {}, [], 0
-    for batch in self.data.eval_batches():
+    for batch in self.data.eval_batches(self.split):
       model_batch = {k: v for k, v in batch.items() if k in pipeline.MODEL_KEYS}
       m = jax.device_get(self._loss(params, model_batch))
       acc_sum += float(m["token_accuracy"]) * float(m["num_text_tokens"])
@@ -119,16 +120,17 @@ class ReferringEvaluator:
   release) and mean IoU. Boxes are compared in the padded image's normalised frame: the resize is
   uniform, so IoU equals the IoU in original pixels. Corners are ordered before scoring."""
 
-  def __init__(self, model, data, config, *, iou_threshold: float = 0.5):
+  def __init__(self, model, data, config, *, iou_threshold: float = 0.5, split: str = "val"):
     del config
     self.data = data
+    self.split = split
     self.iou_threshold = iou_threshold
     self._locate = jax.jit(model.locate_batch)
 
   def run(self, params, step: int, vis_dir: str | None = None) -> tuple[dict[str, float], list]:
     del step, vis_dir
     predicted, truth, rows = [], [], []
-    for batch in self.data.eval_batches():
+    for batch in self.data.eval_batches(self.split):
       if "gt_boxes" not in batch:
         raise ValueError("The referring evaluator needs eval batches with gt_boxes (a RefCOCO "
                          "task: config.data.task='refcoco').")

@@ -7,7 +7,7 @@ import pytest
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = {"ln.py": [None, "toy", "t5=base", "sam=vit_b,eva02=B", "extractor=paper"],
             "webli.py": [None, "toy", "t5=base"],
-            "refcoco.py": [None, "toy"]}
+            "refcoco.py": [None, "toy", "dataset=refcocog", "dataset=refcoco+,toy"]}
 
 
 def _load(path):

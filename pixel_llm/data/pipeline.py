@@ -43,7 +43,7 @@ class Data:
   vocab: Any
   # (batches to skip, shard index, number of shards) -> endless iterator of this shard's batches
   train_batches: Callable[..., Iterator[dict]]
-  eval_batches: Callable[[], Iterator[dict]]      # one pass over the held-out split
+  eval_batches: Callable[..., Iterator[dict]]     # (split="val") -> one pass over that split
 
 
 def _synthetic_formats(config) -> tuple[str, ...]:
@@ -193,7 +193,7 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
     name = f"refcoco_{kind}_{digest}"
     tasks_refcoco.register_refcoco_task(
         name, patterns["refcoco"], vocab_path, kind=kind, image_size=size,
-        splits=("train", "val"), prompt_prefix=d.get("refcoco_prompt_prefix", ""),
+        splits=("train",) + tuple(d.get("eval_splits", ("val",))), prompt_prefix=d.get("refcoco_prompt_prefix", ""),
         caption_loss=d.get("refcoco_caption_loss", False))
     return name, name
   if "coco_captions" not in patterns:
@@ -256,9 +256,9 @@ def prepare(config, workdir: str | None = None) -> Data:
     _fast_forward(batches, skip)
     return batches
 
-  def eval_batches():
+  def eval_batches(split: str = "val"):
     registered = eval_name in tasks.seqio.TaskRegistry.names()
-    return tasks.get_dataset(eval_name, split="val", batch_size=d.eval_batch_size, shuffle=False,
+    return tasks.get_dataset(eval_name, split=split, batch_size=d.eval_batch_size, shuffle=False,
                              num_epochs=1, drop_remainder=False, **lengths,
                              **({} if registered else plain_ln))
 
