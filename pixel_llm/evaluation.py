@@ -57,6 +57,27 @@ def _caption_scores(name: str, predictions: dict, references: dict) -> dict[str,
   raise AssertionError(name)  # names are checked against KNOWN_METRICS up front
 
 
+def _example_key(batch: dict, i: int, r: int, num_prompts: int) -> str:
+  """A unique name per prediction: the image id, the expression id (RefCOCO: one example per
+  expression) and the region index when an image has several prompts."""
+  key = _text(batch["image_id"][i])
+  if "expression_id" in batch:
+    key += f"/e{int(np.ravel(batch['expression_id'])[i])}"
+  return key + (f"/r{r}" if num_prompts > 1 else "")
+
+
+def _references(batch: dict, i: int, r: int, num_prompts: int) -> list[str]:
+  """Every reference of prediction (i, r): all expressions of the object where the task gives
+  them (RefCOCO's `references`), else the example's caption(s)."""
+  if "references" in batch:
+    texts = np.ravel(batch["references"][i])
+  elif num_prompts > 1:
+    texts = [batch["caption"][i, r]]
+  else:
+    texts = np.ravel(batch["caption"][i])
+  return [_text(c) for c in texts if len(c)]
+
+
 class CaptionTraceEvaluator:
   """Captioning with a trace: teacher-forced accuracy and point L1, greedy captions scored against
   the references of `data.eval_batches()`."""
@@ -77,7 +98,7 @@ class CaptionTraceEvaluator:
 
   def run(self, params, step: int, vis_dir: str | None = None) -> tuple[dict[str, float], list]:
     acc_sum = acc_n = l1_sum = l1_n = 0.0
-    predictions, references, rows, shown = {}, {}, [], 0
+    predictions, references, rows, shown, images = {}, {}, [], 0, set()
     for batch in self.data.eval_batches(self.split):
       model_batch = {k: v for k, v in batch.items() if k in pipeline.MODEL_KEYS}
       m = jax.device_get(self._loss(params, model_batch))
@@ -86,21 +107,27 @@ class CaptionTraceEvaluator:
       l1_sum += float(m["point_loss"]) * float(m["num_point_tokens"])
       l1_n += float(m["num_point_tokens"])
       pred = jax.device_get(self._predict(params, model_batch))
+      tokens, points = pred["tokens"], pred["points"]  # [B, R, L], [B, R, L, K, 2]
+      weights = np.asarray(batch.get("caption_weights", np.ones(tokens.shape[:2])))
       for i, image_id in enumerate(batch["image_id"]):
-        key = _text(image_id)
-        words, word_points = visualize.words_from_tokens(self.data.vocab, pred["tokens"][i, 0],
-                                                          pred["points"][i, 0])
-        predictions[key] = " ".join(words)
-        references[key] = [_text(c) for c in np.ravel(batch["caption"][i]) if len(c)]
-        rows.append({"image_id": key, "prediction": predictions[key],
-                     "references": references[key],
-                     "points": np.round(np.asarray(word_points, np.float64), 5).tolist()})
-        if vis_dir and shown < self.num_visualizations:
-          os.makedirs(vis_dir, exist_ok=True)
-          visualize.save_caption_png(os.path.join(vis_dir, f"step{step:06d}_{key}.png"),
-                                     batch["image"][i], words, word_points,
-                                     title=f"step {step} | image {key}")
-          shown += 1
+        images.add(_text(image_id))
+        for r in range(tokens.shape[1]):
+          if tokens.shape[1] > 1 and weights[i, r] <= 0:  # a padding region
+            continue
+          key = _example_key(batch, i, r, tokens.shape[1])
+          words, word_points = visualize.words_from_tokens(self.data.vocab, tokens[i, r],
+                                                            points[i, r])
+          predictions[key] = " ".join(words)
+          references[key] = _references(batch, i, r, tokens.shape[1])
+          rows.append({"image_id": _text(image_id), "key": key, "prediction": predictions[key],
+                       "references": references[key],
+                       "points": np.round(np.asarray(word_points, np.float64), 5).tolist()})
+          if vis_dir and shown < self.num_visualizations:
+            os.makedirs(vis_dir, exist_ok=True)
+            visualize.save_caption_png(
+                os.path.join(vis_dir, f"step{step:06d}_{key.replace('/', '_')}.png"),
+                batch["image"][i], words, word_points, title=f"step {step} | {key}")
+            shown += 1
     result = {}
     for name in self.metrics:
       if name == "token_accuracy":
@@ -109,7 +136,8 @@ class CaptionTraceEvaluator:
         result[name] = l1_sum / max(l1_n, 1.0)
       else:
         result.update(_caption_scores(name, predictions, references))
-    result["num_images"] = float(len(predictions))
+    result["num_images"] = float(len(images))
+    result["num_predictions"] = float(len(predictions))
     return result, rows
 
 

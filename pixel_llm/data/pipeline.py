@@ -10,6 +10,9 @@
               expression prompt, box as 2 points where EOS is predicted; "loco" = GT box prompt,
               expression target) on records of `python -m pixel_llm.data.build refcoco`; eval on
               the val split (`configs/refcoco.py`).
+  "vg"        location-conditioned captioning of Visual Genome regions (`tasks_regions`:
+              `config.input.num_prompts` regions per image, GT box prompt -> phrase) on records
+              of `python -m pixel_llm.data.build vg` (`configs/loc_caption.py`).
 `config.data.source`:
   "synthetic"  generate the synthetic world once into a cache (LN format, plus the COCO-captions
                and WebLI formats when the task needs them), build its TFRecords with the same
@@ -51,8 +54,8 @@ def _synthetic_formats(config) -> tuple[str, ...]:
   d = config.data
   if d.get("task", "ln") == "captions":
     return ("webli",)
-  if d.get("task", "ln") == "refcoco":
-    return ("refcoco",)
+  if d.get("task", "ln") in ("refcoco", "vg"):
+    return (d.task,)
   return ("coco_captions",) if d.get("coco_captions_rate", 0.0) > 0 else ()
 
 
@@ -110,6 +113,14 @@ def ensure_synthetic(config) -> str:
                                              d.seed)
       _build(["refcoco", "--refs", info["refs"], "--instances", info["instances"], "--images",
               images, "--out", records, "--split", split])
+    if "vg" in formats:  # the val images are split val/test by image id parity
+      from pixel_llm.data import synthetic_regions
+      vg_dir = os.path.join(tmp, f"vg_{split}")
+      descriptions, image_data, split_file = synthetic_regions.write_vg(vg_dir, examples,
+                                                                        d.seed)[:3]
+      _build(["vg", "--regions", descriptions, "--image_data", image_data, "--split_file",
+              split_file, "--images", os.path.join(vg_dir, "vg", "VG_100K"),
+              os.path.join(vg_dir, "vg", "VG_100K_2"), "--out", records, "--split", split])
     if "webli" in formats:
       from pixel_llm.data import synthetic_regions
       path = synthetic_regions.write_webli(tmp, examples, d.seed)
@@ -139,13 +150,14 @@ def _sources(config) -> tuple[dict[str, str], str]:
   """({"ln" | "captions" | "coco_captions": TFRecord pattern with "{split}"}, vocabulary path)."""
   d = config.data
   task = d.get("task", "ln")
-  if task not in ("ln", "captions", "refcoco"):
-    raise ValueError(f"Unknown config.data.task {task!r}; use 'ln', 'captions' or 'refcoco'.")
+  if task not in ("ln", "captions", "refcoco", "vg"):
+    raise ValueError(f"Unknown config.data.task {task!r}; use 'ln', 'captions', 'refcoco' or "
+                     "'vg'.")
   mix = task == "ln" and d.get("coco_captions_rate", 0.0) > 0
   if d.source == "synthetic":
     root = os.path.join(ensure_synthetic(config), "tfrecords")
     names = {"ln": "ln", "captions": "webli", "coco_captions": "coco_captions",
-             "refcoco": "refcoco"}
+             "refcoco": "refcoco", "vg": "vg"}
     wanted = [task] + (["coco_captions"] if mix else [])
     return ({k: os.path.join(root, names[k] + "_{split}.tfrecord-*") for k in wanted},
             os.path.join(os.path.dirname(root), "spiece.model"))
@@ -164,6 +176,8 @@ def _sources(config) -> tuple[dict[str, str], str]:
   elif task == "refcoco":
     patterns = {"refcoco": _files(config, "tfrecords", "PIXEL_LLM_REFCOCO_TFRECORDS", "RefCOCO",
                                   "refcoco")}
+  elif task == "vg":
+    patterns = {"vg": _files(config, "tfrecords", "PIXEL_LLM_VG_TFRECORDS", "Visual Genome", "vg")}
   else:
     patterns = {"ln": _files(config, "tfrecords", "PIXEL_LLM_LN_TFRECORDS", "LN", "ln")}
   if mix:
@@ -176,7 +190,7 @@ def _sources(config) -> tuple[dict[str, str], str]:
 def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | None, str]:
   """Registers the seqio tasks of `patterns`; (common-format train Task/Mixture name or None for
   the plain LN path, eval Task name or pattern)."""
-  from pixel_llm.data import mixtures, tasks, tasks_caption, tasks_refcoco
+  from pixel_llm.data import mixtures, tasks, tasks_caption, tasks_refcoco, tasks_regions
 
   d = config.data
   digest = hashlib.sha1(json.dumps([patterns, vocab_path, config.model.image_size,
@@ -195,6 +209,11 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
         name, patterns["refcoco"], vocab_path, kind=kind, image_size=size,
         splits=("train",) + tuple(d.get("eval_splits", ("val",))), prompt_prefix=d.get("refcoco_prompt_prefix", ""),
         caption_loss=d.get("refcoco_caption_loss", False))
+    return name, name
+  if "vg" in patterns:
+    name = f"vg_regions_{digest}"
+    tasks_regions.register_vg_task(name, patterns["vg"], vocab_path, image_size=size,
+                                   splits=("train",) + tuple(d.get("eval_splits", ("val",))))
     return name, name
   if "coco_captions" not in patterns:
     return None, patterns["ln"]
@@ -238,6 +257,8 @@ def prepare(config, workdir: str | None = None) -> Data:
   d, inp = config.data, config.input
   lengths = dict(image_size=config.model.image_size, max_target_len=inp.max_target_len,
                  max_context_len=inp.max_context_len)
+  if train_name:  # common-format tasks carry R prompts per image
+    lengths["num_regions"] = inp.get("num_prompts", 1)
   # The plain LN path defines its task from a file pattern on the fly; registered tasks carry
   # their own vocabulary and prompts.
   plain_ln = dict(vocab_path=vocab_path, prompts=tuple(d.prompts),
