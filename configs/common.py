@@ -68,6 +68,12 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
   c.location_head = dict(hidden_dim=512 if t5 != "tiny" else 128, depth=4, num_points=2)
   # SAM's mask decoder (4.06 M parameters, from the SAM checkpoint); on for segmentation configs.
   c.mask_decoder = dict(enabled=mask_decoder, transformer_dim=prompt_dim)
+  # The gated mask adapter of referring segmentation (models/mask_adapter.py; its width is the
+  # mask decoder's) and which box prompts SAM: "prompt" or "eos" (the predicted referring box).
+  c.mask_adapter = dict(enabled=False, **(dict(depth=1, num_heads=4, mlp_dim=128)
+                                          if sam == "tiny" else dict(depth=2, num_heads=8,
+                                                                     mlp_dim=2048)))
+  c.segment_box = "prompt"
   return c
 
 

@@ -20,7 +20,10 @@ caption_trace metrics (the paper's LN captioning + trace evaluation, on the held
   bleu            BLEU-1..4 (reported as bleu_1 .. bleu_4), rouge_l, meteor (needs Java): the COCO
                   caption toolkit's definitions (`pixel_llm.metrics`)
 
-referring metrics (RefCOCO/+/g box protocol): precision_at_0.5 (P@1, IoU > 0.5), mean_iou.
+referring metrics (RefCOCO/+/g box protocol): precision_at_0.5 (P@1, IoU > 0.5), mean_iou; with a
+mask decoder segmenting the predicted box (referring segmentation) also mask_ciou (total
+intersection / total union) and mask_miou (mean per-expression IoU), masks compared on the padded
+input's valid pixels.
 """
 import json
 import os
@@ -154,10 +157,13 @@ class ReferringEvaluator:
     self.split = split
     self.iou_threshold = iou_threshold
     self._locate = jax.jit(model.locate_batch)
+    network = model.network
+    self.segment = network.mask_decoder is not None and network.segment_box == "eos"
+    self._segment = jax.jit(model.segment_batch) if self.segment else None
 
   def run(self, params, step: int, vis_dir: str | None = None) -> tuple[dict[str, float], list]:
     del step, vis_dir
-    predicted, truth, rows = [], [], []
+    predicted, truth, rows, pred_masks, gt_masks = [], [], [], [], []
     for batch in self.data.eval_batches(self.split):
       if "gt_boxes" not in batch:
         raise ValueError("The referring evaluator needs eval batches with gt_boxes (a RefCOCO "
@@ -168,6 +174,12 @@ class ReferringEvaluator:
         raise ValueError(f"Referring boxes need a 2-point location head, not K={points.shape[1]}.")
       boxes = np.concatenate([points.min(1), points.max(1)], -1)  # [B, 4] x0 y0 x1 y1
       gt = np.asarray(batch["gt_boxes"])[:, 0]
+      if self.segment:
+        masks = np.asarray(jax.device_get(self._segment(params, model_batch))["masks"])[:, 0]
+        valid = np.asarray(batch["image_mask"], bool)
+        for i in np.flatnonzero(np.asarray(batch["mask_weights"])[:, 0] > 0):
+          pred_masks.append(masks[i] & valid[i])
+          gt_masks.append(np.asarray(batch["masks"])[i, 0] > 0)
       for i in range(len(boxes)):
         predicted.append(boxes[i])
         truth.append(gt[i])
@@ -181,9 +193,14 @@ class ReferringEvaluator:
     ious = metrics_lib.paired_box_iou(predicted, truth)
     for row, iou in zip(rows, ious):
       row["iou"] = round(float(iou), 5)
-    return {f"precision_at_{self.iou_threshold:g}": metrics_lib.box_precision_at(
-                predicted, truth, iou=self.iou_threshold),
-            "mean_iou": float(np.mean(ious)), "num_expressions": float(len(ious))}, rows
+    result = {f"precision_at_{self.iou_threshold:g}": metrics_lib.box_precision_at(
+                  predicted, truth, iou=self.iou_threshold),
+              "mean_iou": float(np.mean(ious)), "num_expressions": float(len(ious))}
+    if self.segment:
+      result.update(mask_ciou=metrics_lib.mask_ciou(pred_masks, gt_masks) if gt_masks else 0.0,
+                    mask_miou=metrics_lib.mask_miou(pred_masks, gt_masks) if gt_masks else 0.0,
+                    num_masks=float(len(gt_masks)))
+    return result, rows
 
 
 EVALUATORS: dict[str, Callable[..., Any]] = {"caption_trace": CaptionTraceEvaluator,

@@ -17,6 +17,8 @@ Batch features (B images, R prompts per image, T decoder length, C prompt-text l
   point_targets         float32[B, R, T, K, 2] location of decoder_input_tokens[t], in [0, 1]
   point_weights         float32[B, R, T] 1 where a point target is valid
   caption_weights       float32[B, R] (optional) 0 switches the caption loss off for a prompt
+  masks                 uint8[B, R, S, S] (optional; segmentation) the GT mask of each prompt
+  mask_weights          float32[B, R] (with masks) 1 where the prompt has a GT mask
 """
 import dataclasses
 from typing import Any
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 
 from pixel_llm import decode
 from pixel_llm import losses
+from pixel_llm import mask_losses
 from pixel_llm.models.pixel_llm import PixelLLM
 
 BOS_ID = 0
@@ -45,6 +48,11 @@ class LossConfig:
   # ~384x larger numbers than a normalised L1. True keeps that balance: the weighted term is
   # point_weight * image_size * L1(normalised). The logged `point_loss` stays normalised.
   point_loss_in_pixels: bool = True
+  # Segmentation (a network with a mask decoder, batches with masks): mask_weight x SAM's loss
+  # (focal x20 + dice + IoU-prediction MSE, `mask_losses.py`); alpha 0.5 is the release's focal
+  # alpha (scenic's default).
+  mask_weight: float = 0.0
+  mask_focal_alpha: float = 0.5
 
 
 class PixelLLMModel:
@@ -82,7 +90,7 @@ class PixelLLMModel:
     Each term is normalised by its own count of valid tokens; a term with no valid token adds 0.
     """
     cfg = self.loss_config
-    out, _ = self._apply(params, batch, train=train, rng=rng)
+    out, aux = self._apply(params, batch, train=train, rng=rng)
     targets = batch["decoder_target_tokens"]
     text_w = (targets > 0).astype(jnp.float32)
     if batch.get("caption_weights") is not None:
@@ -100,7 +108,37 @@ class PixelLLMModel:
         "num_text_tokens": n_text,
         "num_point_tokens": n_points,
     }
+    if cfg.mask_weight > 0 and "masks" in aux and batch.get("masks") is not None:
+      m_loss, m_aux = self._mask_loss(aux, batch)
+      loss = loss + cfg.mask_weight * m_loss
+      metrics.update(loss=loss, mask_loss=m_loss, mask_iou=m_aux["mask_iou"])
     return loss, metrics
+
+  def _mask_loss(self, aux, batch):
+    """SAM's loss of the predicted masks [B, R, h, w] against the GT masks [B, R, S, S]."""
+    b, r, h, w = aux["masks"].shape
+    s = batch["masks"].shape[-1]
+    pixel_mask = None
+    if batch.get("image_mask") is not None:
+      pixel_mask = jnp.repeat(batch["image_mask"], r, axis=0)
+    return mask_losses.mask_loss(
+        aux["masks"].reshape(b * r, 1, h, w), aux["iou_predictions"].reshape(b * r, 1),
+        batch["masks"].reshape(b * r, s, s) > 0, batch["mask_weights"].reshape(b * r),
+        pixel_mask=pixel_mask, alpha=self.loss_config.mask_focal_alpha)
+
+  def segment_batch(self, params, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """Masks of a network with a mask decoder (referring segmentation: the box predicted at EOS,
+    teacher forced): {"boxes": float32[B, R, 4] xyxy in [0, 1] (the boxes that prompted SAM),
+    "masks": bool[B, R, S, S] (logits > 0, upsampled to the input image)}."""
+    _, aux = self._apply(params, batch, train=False, rng=None)
+    if "masks" not in aux:
+      raise ValueError("segment_batch needs a network with a mask decoder "
+                       "(config.model.mask_decoder.enabled).")
+    b, r, h, w = aux["masks"].shape
+    s = batch["image"].shape[1]
+    logits = mask_losses.upsample_logits(aux["masks"].reshape(b * r, 1, h, w), (s, s))
+    return {"boxes": aux["mask_boxes"].astype(jnp.float32),
+            "masks": logits.reshape(b, r, s, s) > 0}
 
   def score_batch(self, params, batch: dict[str, Any]) -> jax.Array:
     """Summed log-probability of `decoder_target_tokens` per prompt: float32[B, R]."""

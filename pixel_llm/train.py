@@ -103,6 +103,11 @@ def _initial_params(config, params):
   print(f"Initialised from {init_checkpoint}"
         + (f"; {len(kept)} parameters not in it keep their fresh init, e.g. {kept[0]}"
            if kept else ""), flush=True)
+  if config.get("sam_checkpoint", ""):  # referring segmentation: SAM's own mask decoder
+    params, kept = pretrained.restore_into(params, config.sam_checkpoint, (r"^mask_decoder/",))
+    if any(k.startswith("mask_decoder/") for k in kept):
+      raise ValueError(f"{config.sam_checkpoint} has no mask decoder (missing e.g. {kept[0]}).")
+    print(f"Mask decoder from {config.sam_checkpoint}", flush=True)
   return params
 
 

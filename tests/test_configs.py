@@ -7,7 +7,9 @@ import pytest
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = {"ln.py": [None, "toy", "t5=base", "sam=vit_b,eva02=B", "extractor=paper"],
             "webli.py": [None, "toy", "t5=base"],
-            "refcoco.py": [None, "toy", "dataset=refcocog", "dataset=refcoco+,toy"]}
+            "refcoco.py": [None, "toy", "dataset=refcocog", "dataset=refcoco+,toy"],
+            "refcoco_seg.py": [None, "toy"],
+            "loc_caption.py": [None, "toy", "dataset=refcocog"]}
 
 
 def _load(path):

@@ -1,13 +1,16 @@
-"""Referring localization end to end: configs/refcoco.py's toy on a tiny synthetic world (refs in the
-official RefCOCO format -> build -> seqio "loc" task -> train -> the referring evaluator), and the
-adapter's box-at-EOS read-out on a stub network."""
+"""Referring localization and segmentation end to end: configs/refcoco_seg.py's toy (the referring
+config plus SAM's mask decoder and the gated mask adapter) on a tiny synthetic world (refs and
+polygon masks in the official RefCOCO format -> build -> seqio "loc" task -> train with box and
+mask losses -> the referring evaluator's P@0.5 and cIoU), and the adapter's box-at-EOS read-out on
+a stub network."""
+import dataclasses
 import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
 
-from configs import refcoco
+from configs import refcoco_seg
 from pixel_llm import metrics
 from pixel_llm import train
 from pixel_llm.model import PixelLLMModel
@@ -35,8 +38,8 @@ def test_locate_batch_reads_the_position_that_predicts_eos():
   np.testing.assert_array_equal(points[:, 0, 0], [[3.0, 30.0], [1.0, 10.0]])
 
 
-def test_refcoco_toy_trains_and_evaluates(tmp_path):
-  c = refcoco.get_config("toy")
+def test_refcoco_seg_toy_trains_and_evaluates(tmp_path):
+  c = refcoco_seg.get_config("toy")
   c.model.image_size = 64
   c.data.update(root=str(tmp_path / "world"), num_train_images=16, num_val_images=9,
                 image_size=64, eval_batch_size=8)
@@ -50,9 +53,10 @@ def test_refcoco_toy_trains_and_evaluates(tmp_path):
   # The refs were written in the official format and built with the real builder.
   assert (tmp_path / "world" / "refcoco_train" / "refcoco" / "refs(unc).p").exists()
   assert list((tmp_path / "world" / "tfrecords").glob("refcoco_val.tfrecord-*"))
-  # Only the box trains: the caption loss is masked out for referring batches.
+  # Box and masks train; the caption loss is masked out for referring batches.
   lines = [json.loads(l) for l in open(os.path.join(workdir, "train_metrics.jsonl"))]
-  assert all(l["caption_loss"] == 0.0 and l["point_loss"] > 0 for l in lines)
+  assert all(l["caption_loss"] == 0.0 and l["point_loss"] > 0 and l["mask_loss"] > 0
+             for l in lines)
 
   got = result["refcoco_val"]
   rows = [json.loads(l) for l in open(os.path.join(workdir, "eval",
@@ -66,3 +70,61 @@ def test_refcoco_toy_trains_and_evaluates(tmp_path):
   np.testing.assert_allclose([r["iou"] for r in rows], ious, atol=1e-4)
   np.testing.assert_allclose(got["mean_iou"], ious.mean(), atol=1e-4)
   assert got["precision_at_0.5"] == np.mean(ious > 0.5)
+  # Every synthetic ref has a mask; cIoU and mean IoU are fractions of the valid pixels.
+  assert got["num_masks"] == got["num_expressions"]
+  assert 0.0 <= got["mask_ciou"] <= 1.0 and 0.0 <= got["mask_miou"] <= 1.0
+
+
+def test_eos_box_prompts_sam_and_a_closed_gate_is_plain_sam():
+  """The mask path of referring segmentation: SAM is prompted with the box predicted at EOS
+  (no gradient into the box), and with the adapter's gate at 0 the masks equal SAM's for that box."""
+  import jax
+  from pixel_llm.models import build
+
+  c = refcoco_seg.get_config("toy")
+  c.model.image_size = 64
+  c.input.update(max_target_len=6, max_context_len=4)
+  network = build.build_network(c.model)
+  model = PixelLLMModel(network)
+  rng = np.random.default_rng(0)
+  tokens = np.array([[[0, 5, 6, 7, 0, 0]], [[0, 9, 0, 0, 0, 0]]], np.int32)
+  batch = {"image": rng.random((2, 64, 64, 3), np.float32), "decoder_input_tokens": tokens,
+           "prompt_text": np.array([[[5, 6, 7, 0]], [[9, 0, 0, 0]]], np.int32),
+           "prompt_boxes": np.tile(np.float32([0, 0, 1, 1]), (2, 1, 1))}
+  params = model.init_variables(jax.random.key(0), batch)["params"]
+  out, aux = network.apply({"params": params}, batch["image"], tokens,
+                           prompt_text=batch["prompt_text"], prompt_boxes=batch["prompt_boxes"])
+  points = np.asarray(out["points"])
+  for i, n in enumerate((3, 1)):  # the input position of the expression's last token
+    corners = points[i, 0, n]
+    expected = np.clip(np.concatenate([corners.min(0), corners.max(0)]), 0, 1)
+    np.testing.assert_allclose(np.asarray(aux["mask_boxes"])[i, 0], expected, atol=1e-6)
+  assert float(np.asarray(params["mask_adapter"]["gate"].unbox())) == 0.0
+
+  # At gate 0 the adapter's inputs cannot matter: zeros instead of the real tokens and states
+  # give bitwise the same masks (tests/test_mask_adapter.py: and those are plain SAM's).
+  visual = np.asarray(aux["visual_tokens"]).reshape(2, -1, aux["visual_tokens"].shape[-1])
+  hidden = np.asarray(aux["hidden"]).reshape(2, 6, -1)
+
+  def sam_with_blank_adapter_inputs(m):
+    _, sam = m.encode_image(batch["image"], return_sam=True)
+    return m.predict_masks(sam, aux["mask_boxes"], (np.zeros_like(visual),
+                                                    np.zeros_like(hidden), np.ones((2, 6), bool)))
+  masks, iou = network.apply({"params": params}, method=sam_with_blank_adapter_inputs)
+  np.testing.assert_array_equal(np.asarray(masks), np.asarray(aux["masks"]))
+  np.testing.assert_array_equal(np.asarray(iou), np.asarray(aux["iou_predictions"]))
+
+  # The mask loss reaches the adapter's gate but not the box (stop-gradient at the EOS box).
+  gt = np.zeros((2, 1, 64, 64), np.uint8)
+  gt[:, :, 10:40, 12:30] = 1
+  full = {**batch, "decoder_target_tokens": np.roll(tokens, -1, -1),
+          "point_targets": np.zeros((2, 1, 6, 2, 2), np.float32),
+          "point_weights": np.zeros((2, 1, 6), np.float32), "masks": gt,
+          "mask_weights": np.ones((2, 1), np.float32)}
+  seg_model = PixelLLMModel(network, dataclasses.replace(PixelLLMModel(network).loss_config,
+                                                         mask_weight=1.0, caption_weight=0.0))
+  grads = jax.grad(lambda p: seg_model.loss_fn(p, full, None, train=False)[0])(
+      jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                   is_leaf=lambda x: hasattr(x, "unbox")))
+  assert abs(float(grads["mask_adapter"]["gate"])) > 0
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads["location_head"])) == 0.0

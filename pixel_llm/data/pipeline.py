@@ -38,7 +38,7 @@ from pixel_llm.data import synthetic
 
 MODEL_KEYS = ("image", "image_mask", "prompt_boxes", "prompt_points", "prompt_point_labels",
               "prompt_text", "decoder_input_tokens", "decoder_target_tokens", "point_targets",
-              "point_weights", "caption_weights")
+              "point_weights", "caption_weights", "masks", "mask_weights")
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ from pixel_llm.model import LossConfig, PixelLLMModel
 from pixel_llm.models import eva02 as eva02_lib
 from pixel_llm.models import location_head as location_head_lib
 from pixel_llm.models import prompt_extractor as prompt_extractor_lib
+from pixel_llm.models import mask_adapter as mask_adapter_lib
 from pixel_llm.models import sam_mask_decoder as mask_decoder_lib
 from pixel_llm.models import sam_image_encoder as sam_lib
 from pixel_llm.models import sam_prompt_encoder as prompt_encoder_lib
@@ -38,6 +39,13 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
                   or model.prompt_encoder.embed_dim != mask_decoder.get("transformer_dim", 256)):
     raise ValueError("The mask decoder needs SAM with out_chans == prompt_encoder.embed_dim == "
                      "mask_decoder.transformer_dim (SAM's 256).")
+  adapter = dict(model.get("mask_adapter") or {})
+  adapter_on = adapter.pop("enabled", False)
+  if adapter_on and not enabled:
+    raise ValueError("model.mask_adapter.enabled needs model.mask_decoder.enabled.")
+  segment_box = model.get("segment_box", "prompt")
+  if segment_box not in ("prompt", "eos"):
+    raise ValueError(f"model.segment_box must be 'prompt' or 'eos', not {segment_box!r}.")
   return PixelLLM(
       sam_image_encoder=sam_lib.SamImageEncoder(**_fields(sam), dtype=dtype) if sam else None,
       eva02=eva02_lib.Eva02(**_fields(eva), dtype=dtype) if eva else None,
@@ -50,6 +58,10 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
       image_size=model.image_size,
       mask_decoder=(mask_decoder_lib.MaskDecoder(**_fields(mask_decoder), dtype=dtype)
                     if enabled else None),
+      mask_adapter=(mask_adapter_lib.MaskAdapter(
+          width=mask_decoder.get("transformer_dim", 256), **_fields(adapter), dtype=dtype)
+                    if adapter_on else None),
+      segment_box=segment_box,
   )
 
 

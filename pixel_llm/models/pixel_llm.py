@@ -67,6 +67,11 @@ class PixelLLM(nn.Module):
   location_head: nn.Module
   image_size: int = 384
   mask_decoder: nn.Module | None = None  # SAM's, prompted with boxes (the segmentation task)
+  # Referring segmentation (models/mask_adapter.py): nudges SAM's box tokens with what the language
+  # model saw; and which box prompts the mask decoder: "prompt" (the location prompt) or "eos"
+  # (the box the location head predicts where EOS is predicted: referring segmentation).
+  mask_adapter: nn.Module | None = None
+  segment_box: str = "prompt"
 
   def encode_image(self, image: jax.Array, image_mask: jax.Array | None = None, *,
                    train: bool = False, return_sam: bool = False):
@@ -93,18 +98,25 @@ class PixelLLM(nn.Module):
     feats = layers.constrain(feats, ("batch", None, None, "act_embed"))
     return (feats, sam if self.sam_image_encoder is not None else None) if return_sam else feats
 
-  def predict_masks(self, sam_embedding: jax.Array, boxes: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def predict_masks(self, sam_embedding: jax.Array, boxes: jax.Array,
+                    adapter_inputs: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
     """SAM's mask decoder prompted with boxes.
 
     sam_embedding: float[B, hs, ws, D] (`encode_image(..., return_sam=True)`); boxes: float[B, R, 4]
-    xyxy in [0, 1]. Returns (low-res mask logits float32[B, R, 4hs, 4ws], IoU predictions
-    float32[B, R]), SAM's single-mask output.
+    xyxy in [0, 1]; adapter_inputs (with a mask adapter): visual tokens float[B*R, Q, Dq], text
+    hidden states float[B*R, T, Dt] and their mask bool[B*R, T]. Returns (low-res mask logits
+    float32[B, R, 4hs, 4ws], IoU predictions float32[B, R]), SAM's single-mask output.
     """
     b, hs, ws, _ = sam_embedding.shape
     r = boxes.shape[1]
     size = (self.image_size, self.image_size)
     sparse, dense = self.prompt_encoder(boxes=boxes.reshape(b * r, 4) * float(self.image_size),
                                         image_grid=(hs, ws), input_size=size)
+    if self.mask_adapter is not None:
+      if adapter_inputs is None:
+        raise ValueError("The mask adapter needs the visual tokens and text hidden states.")
+      sparse, _ = self.mask_adapter(sparse, *adapter_inputs)
     masks, iou = self.mask_decoder(jnp.repeat(sam_embedding, r, axis=0),
                                    self.prompt_encoder.get_dense_pe((hs, ws)), sparse, dense,
                                    multimask_output=False)
@@ -210,7 +222,31 @@ class PixelLLM(nn.Module):
     if self.mask_decoder is not None:
       if sam is None:
         raise ValueError("The mask decoder needs the SAM image encoder.")
-      if prompt_boxes is None:
-        prompt_boxes = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32), (b, r, 4))
-      aux["masks"], aux["iou_predictions"] = self.predict_masks(sam, prompt_boxes)
+      if self.segment_box == "eos":
+        boxes, text_mask = _eos_box(out["points"], decoder_input_tokens)
+      elif prompt_boxes is None:
+        boxes = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32), (b, r, 4))
+        text_mask = decoder_input_tokens > 0
+      else:
+        boxes, text_mask = prompt_boxes, decoder_input_tokens > 0
+      adapter_inputs = (visual.reshape(b * r, *visual.shape[2:]), hidden,
+                        text_mask.reshape(b * r, t)) if self.mask_adapter is not None else None
+      aux["masks"], aux["iou_predictions"] = self.predict_masks(sam, boxes, adapter_inputs)
+      aux["mask_boxes"] = boxes
     return out, aux
+
+
+def _eos_box(points: jax.Array, decoder_input_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The referring box: the K = 2 points predicted at the input position of the expression's last
+  token (where EOS is predicted), corners ordered and clipped to the image, without gradient (the
+  mask loss does not move the box, as in the release); and the decoder positions up to it.
+
+  points: float[B, R, T, 2, 2]; decoder_input_tokens: int32[B, R, T] (BOS = 0, then the
+  expression). Returns (boxes float32[B, R, 4] xyxy in [0, 1], text_mask bool[B, R, T]).
+  """
+  n = (decoder_input_tokens[..., 1:] > 0).sum(-1)  # [B, R] expression tokens
+  at = n[..., None, None, None]
+  corners = jnp.take_along_axis(points, at, axis=2)[:, :, 0].astype(jnp.float32)  # [B, R, 2, 2]
+  box = jnp.concatenate([corners.min(-2), corners.max(-2)], -1)
+  positions = jnp.arange(decoder_input_tokens.shape[-1])
+  return jax.lax.stop_gradient(jnp.clip(box, 0.0, 1.0)), positions <= n[..., None]

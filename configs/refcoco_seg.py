@@ -1,0 +1,52 @@
+r"""Referring segmentation on RefCOCO / RefCOCO+ / RefCOCOg (the paper's Table 4 mask cIoU).
+
+The release's `*_refseg` stage (`anchor_scenic_pixel_llm.md` 2.10, 5.2): from the referring stage
+(`configs/refcoco.py`) plus SAM-H's mask decoder, 60k steps at batch 64, lr 5e-5 with the mask
+adapter at 10x, 500 warmup steps; only the location head and the mask adapter train. The box the
+location head predicts where EOS is predicted (without gradient) prompts SAM's mask decoder, after
+the gated mask adapter (`models/mask_adapter.py`, gate 0 at init = plain SAM) has nudged SAM's two
+box tokens with the visual prompt tokens and the expression's hidden states. Loss: the box L1 plus
+SAM's mask loss (focal x20 + dice + IoU-prediction MSE). Evaluation: box P@0.5 and mask cIoU /
+mean IoU per split. Paper, T5-XL, cIoU: RefCOCO val 77.2, testA 79.2, testB 74.0.
+
+Weights: --config.init_checkpoint=WORKDIR_REF/checkpoints/<step>/state for everything but the mask
+decoder; the mask decoder comes from SAM (`python -m pixel_llm.tools.convert`; pass the converted
+folder with --config.sam_checkpoint, read for `mask_decoder/` only).
+
+Commands:
+  python -m pixel_llm.train --config=configs/refcoco_seg.py --workdir=workdirs/refcoco_seg
+  python -m pixel_llm.train --config=configs/refcoco_seg.py:toy --workdir=workdirs/refseg_toy
+  python -m pixel_llm.eval --config=configs/refcoco_seg.py:toy --checkpoint=workdirs/refseg_toy
+The toy trains the tiny network (SAM-tiny included) from scratch on the synthetic world's refs,
+whose objects carry polygon masks; box and mask losses together, nothing frozen.
+Variants as configs/refcoco.py: dataset=<refcoco|refcoco+|refcocog>, toy, t5=..., sam=..., ...
+"""
+import ml_collections
+
+from configs import refcoco
+
+PAPER_CIOU = {"refcoco": (77.2, 79.2, 74.0), "refcoco+": (69.2, 73.0, 64.4),
+              "refcocog": (70.1, 72.0)}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = refcoco.get_config(arg)
+  toy = c.name.endswith(":toy")
+  c.name = c.name.replace(":toy", "") + "_seg" + (":toy" if toy else "")
+  c.model.mask_decoder.enabled = True
+  if toy:  # SAM-tiny's neck at the prompt width, and a small decoder (SAM's is 256 wide)
+    c.model.sam.out_chans = c.model.prompt_encoder.embed_dim
+    c.model.mask_decoder.update(transformer_dim=c.model.prompt_encoder.embed_dim,
+                                transformer_mlp_dim=128, transformer_num_heads=4,
+                                iou_head_hidden_dim=64)
+  c.model.mask_adapter.enabled = True
+  c.model.segment_box = "eos"
+  c.loss.mask_weight = 1.0
+  if not toy:
+    # Only the location head and the mask adapter train (the release's refseg freezing).
+    c.frozen_params = (r"^(?!mask_adapter/|location_head/)",)
+    c.lr_multipliers = ml_collections.ConfigDict({r"^mask_adapter/": 10.0})
+    c.total_steps = 60_000
+    c.warmup_steps = 500
+  c.sam_checkpoint = ""
+  return c
