@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- Sharded training (pixel_llm/train.py, pixel_llm/partitioning.py) ---------------------------
   # Mesh sizes over (data, fsdp, tensor); -1 = the remaining devices. Batch over data x fsdp.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Multi-slice / multi-node: each axis's size across slices (data centre network); `mesh` is then
+  # per slice, e.g. --config.mesh_dcn.data=2 for two v5e-256 slices in data parallelism.
+  c.mesh_dcn = dict(data=1, fsdp=1, tensor=1)
   # Stop when more than this fraction of parameter bytes is replicated on an fsdp/tensor mesh.
   c.max_replicated_fraction = 0.5
   # Non-finite loss or grad norm skips the update; this many in a row stop the run.

@@ -29,9 +29,18 @@ def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
 
   Given TPU `devices` (a topology's, for ahead-of-time compiles), they are laid out along the
   physical torus as `jax.make_mesh` does, so each mesh axis must be a product of torus axis sizes.
+
+  Multi-slice (TPU slices over the data-centre network, or GPU nodes): `config.mesh_dcn` gives
+  each axis's size across slices (e.g. {"data": 2} for two slices doing data parallelism) and
+  `config.mesh` then the sizes within one slice; each global axis is their product, laid out so
+  that the slow network carries only the dcn part (`hybrid_device_array`).
   """
   shape = config.get("mesh", None)
   shape = dict(shape) if shape is not None else {"data": -1}
+  dcn = {k: int(v) for k, v in dict(config.get("mesh_dcn", None) or {}).items()}
+  if any(v != 1 for v in dcn.values()):
+    all_devices = list(jax.devices() if devices is None else devices)
+    return Mesh(hybrid_device_array(shape, dcn, all_devices), sharding.MESH_AXES)
   mesh = sharding.make_mesh(shape, devices)
   if devices is None or mesh.devices.flat[0].platform != "tpu":
     return mesh
@@ -44,6 +53,33 @@ def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
         f"({len(devices)} devices): each mesh axis size must be a product of torus axis sizes. "
         f"({e})") from e
   return Mesh(ordered, mesh.axis_names)
+
+
+def hybrid_device_array(ici: Mapping[str, int], dcn: Mapping[str, int],
+                        devices: Sequence[Any]) -> np.ndarray:
+  """Devices as a [data, fsdp, tensor] array whose axis sizes are ici x dcn: the devices of one
+  slice (`slice_index`; the process where devices have none, e.g. GPU nodes) fill one ici block,
+  and the blocks are tiled over the dcn shape. ici sizes may hold one -1 (the rest of a slice)."""
+  unknown = (set(ici) | set(dcn)) - set(sharding.MESH_AXES)
+  if unknown:
+    raise ValueError(f"Unknown mesh axes {sorted(unknown)}; the mesh axes are "
+                     f"{sharding.MESH_AXES}.")
+  by_slice = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+  slices = sorted({getattr(d, by_slice) for d in devices})
+  dcn_shape = [int(dcn.get(a, 1)) for a in sharding.MESH_AXES]
+  if int(np.prod(dcn_shape)) != len(slices):
+    raise ValueError(f"mesh_dcn {dict(zip(sharding.MESH_AXES, dcn_shape))} needs "
+                     f"{int(np.prod(dcn_shape))} slices; the devices form {len(slices)} "
+                     f"(by {by_slice}).")
+  per_slice = len(devices) // len(slices)
+  ici_shape = sharding.resolve_shape(ici, per_slice)
+  try:
+    return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, list(devices),
+                                                process_is_granule=by_slice == "process_index")
+  except (NotImplementedError, ValueError, AssertionError) as e:
+    raise ValueError(f"Cannot lay out mesh {dict(zip(sharding.MESH_AXES, ici_shape))} per slice "
+                     f"x mesh_dcn {dict(zip(sharding.MESH_AXES, dcn_shape))} over "
+                     f"{len(devices)} devices: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------

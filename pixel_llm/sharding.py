@@ -51,6 +51,11 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] |
   `shape` is a dict such as {"data": 4, "tensor": 2} (missing axes are 1) or a 3-sequence.
   """
   devices = list(jax.devices() if devices is None else devices)
+  return Mesh(np.asarray(devices).reshape(resolve_shape(shape, len(devices))), MESH_AXES)
+
+
+def resolve_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> list[int]:
+  """The (data, fsdp, tensor) sizes of `shape` on `num_devices` devices (-1 = the rest), checked."""
   if isinstance(shape, Mapping):
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
@@ -64,13 +69,13 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] |
     raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
   if -1 in sizes:
     known = int(np.prod([s for s in sizes if s != -1]))
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot be split into {dict(zip(MESH_AXES, sizes))}.")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices cannot be split into {dict(zip(MESH_AXES, sizes))}.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
     raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; "
-                     f"{len(devices)} are available.")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+                     f"{num_devices} are available.")
+  return sizes
 
 
 def logical_partition_specs(abstract_tree: Any) -> Any:

@@ -170,3 +170,37 @@ def test_frozen_parameters_can_be_stored_in_bfloat16():
   after = traverse_util.flatten_dict(out["params"])
   assert all(after[k].dtype == state[k].dtype for k in state)
   assert metrics["loss"].dtype == jnp.float32
+
+
+class _SliceDevice:
+  """A stand-in device with the attributes the hybrid (multi-slice) layout reads."""
+  platform = device_kind = "cpu"
+
+  def __init__(self, i, slice_index):
+    self.id, self.slice_index, self.process_index = i, slice_index, slice_index
+
+  def __repr__(self):
+    return f"d{self.id}@s{self.slice_index}"
+
+
+def test_multi_slice_mesh_keeps_each_slice_in_one_dcn_block():
+  from pixel_llm import partitioning
+  # 2 slices x 4 devices, slices interleaved in the device list (as jax.devices() may give them).
+  devices = [_SliceDevice(i, i % 2) for i in range(8)]
+  grid = partitioning.hybrid_device_array({"fsdp": -1}, {"data": 2}, devices)
+  assert grid.shape == (2, 4, 1)  # data = 1 x 2 across slices, fsdp = 4 within a slice
+  for d in range(2):  # one data index = one slice: only the data axis crosses slices
+    assert {dev.slice_index for dev in grid[d].ravel()} == {d}
+  grid = partitioning.hybrid_device_array({"data": 2, "tensor": 2}, {"data": 2}, devices)
+  assert grid.shape == (4, 1, 2)
+  assert [{dev.slice_index for dev in grid[i].ravel()} for i in range(4)] == [{0}, {0}, {1}, {1}]
+  with pytest.raises(ValueError, match="needs 4 slices; the devices form 2"):
+    partitioning.hybrid_device_array({"data": -1}, {"data": 2, "fsdp": 2}, devices)
+
+
+def test_mesh_dcn_from_config_on_one_slice_is_rejected_clearly():
+  import ml_collections
+  from pixel_llm import partitioning
+  config = ml_collections.ConfigDict({"mesh": {"data": -1}, "mesh_dcn": {"data": 2}})
+  with pytest.raises(ValueError, match="needs 2 slices"):
+    partitioning.mesh_from_config(config)
