@@ -74,6 +74,12 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
                                           if sam == "tiny" else dict(depth=2, num_heads=8,
                                                                      mlp_dim=2048)))
   c.segment_box = "prompt"
+  # Dense captioning's class-agnostic proposal head (models/proposal_head.py; the release: 256
+  # wide, 5 levels up to stride 128, deconv 384).
+  c.proposal_head = dict(enabled=False, **(dict(width=32, num_top_levels=1, num_convs=2,
+                                                num_groups=8) if sam == "tiny" else
+                                           dict(width=256, num_top_levels=2, num_convs=4,
+                                                num_groups=32, deconv_dim=384)))
   return c
 
 

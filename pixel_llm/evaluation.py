@@ -24,7 +24,11 @@ referring metrics (RefCOCO/+/g box protocol): precision_at_0.5 (P@1, IoU > 0.5),
 mask decoder segmenting the predicted box (referring segmentation) also mask_ciou (total
 intersection / total union) and mask_miou (mean per-expression IoU), masks compared on the padded
 input's valid pixels.
+
+densecap metrics (Visual Genome, GRiT's test split): map (DenseCap mAP, needs Java for METEOR),
+detection_map (METEOR ignored).
 """
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -203,8 +207,59 @@ class ReferringEvaluator:
     return result, rows
 
 
+class DenseCaptionEvaluator:
+  """Dense object captioning (DenseCap / GRiT protocol): the proposal head's top `num_boxes` boxes
+  per image, each captioned greedily (`model.dense_caption_batch`), scored against the image's
+  regions in the eval batches (prompt_boxes with caption_weights > 0, their captions) by
+  `metrics.densecap_map`: GT merged at IoU 0.7, AP over IoU x METEOR thresholds ("map", needs Java
+  unless meteor=False) and detection-only AP ("detection_map"). The GT is the R regions per image
+  the task delivers (`config.input.num_prompts`), as the release pads/truncates its GT."""
+
+  def __init__(self, model, data, config, *, split: str = "val", num_boxes: int = 100,
+               iou_threshold: float = 0.9, meteor: bool = True,
+               max_decode_len: int | None = None):
+    self.data = data
+    self.split = split
+    self.meteor = meteor
+    dense = functools.partial(model.dense_caption_batch,
+                              max_decode_len=max_decode_len or config.input.max_target_len,
+                              num_boxes=num_boxes, iou_threshold=iou_threshold)
+    self._dense = jax.jit(dense)
+
+  def run(self, params, step: int, vis_dir: str | None = None) -> tuple[dict[str, float], list]:
+    del step, vis_dir
+    predictions, truths, rows = {}, {}, []
+    for batch in self.data.eval_batches(self.split):
+      model_batch = {k: v for k, v in batch.items() if k in pipeline.MODEL_KEYS}
+      out = jax.device_get(self._dense(params, model_batch))
+      weights = np.asarray(batch["caption_weights"])
+      for i, image_id in enumerate(batch["image_id"]):
+        key = _text(image_id)
+        real = weights[i] > 0
+        truths[key] = {"boxes": np.asarray(batch["prompt_boxes"][i])[real],
+                       "captions": [_text(c) for c in np.asarray(batch["caption"][i])[real]]}
+        keep = np.flatnonzero(out["valid"][i])
+        captions = [" ".join(visualize.words_from_tokens(self.data.vocab, out["tokens"][i, k],
+                                                         out["points"][i, k])[0]) for k in keep]
+        predictions[key] = {"boxes": out["boxes"][i, keep], "scores": out["scores"][i, keep],
+                            "captions": captions}
+        rows.append({"image_id": key, "boxes": np.round(out["boxes"][i, keep].astype(
+            np.float64), 5).tolist(), "scores": np.round(out["scores"][i, keep].astype(
+                np.float64), 5).tolist(), "captions": captions,
+                     "gt_boxes": np.round(truths[key]["boxes"].astype(np.float64), 5).tolist(),
+                     "gt_captions": truths[key]["captions"]})
+    kwargs = {} if self.meteor else {"meteor_thresholds": ()}
+    scores = metrics_lib.densecap_map(predictions, truths, **kwargs)
+    result = {"detection_map": float(scores["detection_map"]),
+              "num_gt": float(scores["num_gt"]), "num_predictions": float(scores["num_predictions"])}
+    if self.meteor:
+      result["map"] = float(scores["map"])
+    return result, rows
+
+
 EVALUATORS: dict[str, Callable[..., Any]] = {"caption_trace": CaptionTraceEvaluator,
-                                             "referring": ReferringEvaluator}
+                                             "referring": ReferringEvaluator,
+                                             "densecap": DenseCaptionEvaluator}
 
 
 def build_evaluators(model, data, config, only: tuple[str, ...] = ()) -> dict[str, Any]:

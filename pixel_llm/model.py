@@ -53,6 +53,9 @@ class LossConfig:
   # alpha (scenic's default).
   mask_weight: float = 0.0
   mask_focal_alpha: float = 0.5
+  # Dense captioning (a network with a proposal head): detection_weight x the CenterNet proposal
+  # loss (heatmap focal x0.5 + GIoU), the prompt boxes with caption_weights > 0 as GT regions.
+  detection_weight: float = 0.0
 
 
 class PixelLLMModel:
@@ -108,11 +111,54 @@ class PixelLLMModel:
         "num_text_tokens": n_text,
         "num_point_tokens": n_points,
     }
+    if cfg.detection_weight > 0 and "proposals" in aux:
+      d_loss, d_metrics = self._proposal_loss(aux, batch)
+      loss = loss + cfg.detection_weight * d_loss
+      metrics.update(loss=loss, detection_loss=d_loss, heatmap_loss=d_metrics["heatmap"],
+                     box_loss=d_metrics["reg"])
     if cfg.mask_weight > 0 and "masks" in aux and batch.get("masks") is not None:
       m_loss, m_aux = self._mask_loss(aux, batch)
       loss = loss + cfg.mask_weight * m_loss
       metrics.update(loss=loss, mask_loss=m_loss, mask_iou=m_aux["mask_iou"])
     return loss, metrics
+
+  def _proposal_loss(self, aux, batch):
+    """CenterNet loss of the proposal head against the batch's region boxes [B, R, 4]."""
+    from pixel_llm.models import pixel_llm as network_lib
+    from pixel_llm.models import proposal_head as proposal_lib
+    h, w = network_lib.proposal_frame(aux["image_features"])
+    boxes = batch["prompt_boxes"] * jnp.asarray([w, h, w, h], jnp.float32)
+    weights = batch.get("caption_weights")
+    valid = (weights > 0) if weights is not None else jnp.ones(boxes.shape[:2], bool)
+    valid = valid & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    loss, metrics = proposal_lib.proposal_loss(aux["proposals"], boxes, valid,
+                                               self.network.proposal_head.strides)
+    return loss, {"heatmap": metrics["heatmap_pos"] + metrics["heatmap_neg"], "reg": metrics["reg"]}
+
+  def dense_caption_batch(self, params, batch: dict[str, Any], *, max_decode_len: int,
+                          num_boxes: int = 100, iou_threshold: float = 0.9) -> dict[str, Any]:
+    """Dense object captioning: the proposal head's top `num_boxes` boxes (after NMS), each
+    captioned greedily through the prompt path (the K boxes of an image share its encoding in
+    the captioning pass; detection encodes the image once more). The prompt text is the batch's
+    first prompt's (the region prompt).
+
+    Returns {"boxes": float32[B, K, 4] xyxy in [0, 1], "scores": float32[B, K], "valid":
+    bool[B, K], "tokens": int32[B, K, L], "points": float32[B, K, L, P, 2]}.
+    """
+    boxes, scores, valid = self.network.apply(
+        {"params": params}, batch["image"], batch.get("image_mask"), num_boxes=num_boxes,
+        iou_threshold=iou_threshold, method=self.network.detect)
+    b, k = scores.shape
+    caption_batch = {"image": batch["image"], "prompt_boxes": boxes}
+    if batch.get("image_mask") is not None:
+      caption_batch["image_mask"] = batch["image_mask"]
+    if batch.get("prompt_text") is not None:
+      text = batch["prompt_text"][:, :1]
+      caption_batch["prompt_text"] = jnp.broadcast_to(text, (b, k, text.shape[-1]))
+    pred = decode.generate(self.network, params, caption_batch, max_decode_len=max_decode_len,
+                           method="greedy")
+    return {"boxes": boxes, "scores": scores, "valid": valid, "tokens": pred["tokens"],
+            "points": pred["points"]}
 
   def _mask_loss(self, aux, batch):
     """SAM's loss of the predicted masks [B, R, h, w] against the GT masks [B, R, S, S]."""

@@ -9,7 +9,8 @@ VARIANTS = {"ln.py": [None, "toy", "t5=base", "sam=vit_b,eva02=B", "extractor=pa
             "webli.py": [None, "toy", "t5=base"],
             "refcoco.py": [None, "toy", "dataset=refcocog", "dataset=refcoco+,toy"],
             "refcoco_seg.py": [None, "toy"],
-            "loc_caption.py": [None, "toy", "dataset=refcocog"]}
+            "loc_caption.py": [None, "toy", "dataset=refcocog"],
+            "vg_densecap.py": [None, "toy"]}
 
 
 def _load(path):

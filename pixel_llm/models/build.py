@@ -13,6 +13,7 @@ from pixel_llm.models import eva02 as eva02_lib
 from pixel_llm.models import location_head as location_head_lib
 from pixel_llm.models import prompt_extractor as prompt_extractor_lib
 from pixel_llm.models import mask_adapter as mask_adapter_lib
+from pixel_llm.models import proposal_head as proposal_head_lib
 from pixel_llm.models import sam_mask_decoder as mask_decoder_lib
 from pixel_llm.models import sam_image_encoder as sam_lib
 from pixel_llm.models import sam_prompt_encoder as prompt_encoder_lib
@@ -44,6 +45,8 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
   if adapter_on and not enabled:
     raise ValueError("model.mask_adapter.enabled needs model.mask_decoder.enabled.")
   segment_box = model.get("segment_box", "prompt")
+  proposals = dict(model.get("proposal_head") or {})
+  proposals_on = proposals.pop("enabled", False)
   if segment_box not in ("prompt", "eos"):
     raise ValueError(f"model.segment_box must be 'prompt' or 'eos', not {segment_box!r}.")
   return PixelLLM(
@@ -62,6 +65,8 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
           width=mask_decoder.get("transformer_dim", 256), **_fields(adapter), dtype=dtype)
                     if adapter_on else None),
       segment_box=segment_box,
+      proposal_head=(proposal_head_lib.ProposalHead(**_fields(proposals), dtype=dtype)
+                     if proposals_on else None),
   )
 
 

@@ -72,6 +72,9 @@ class PixelLLM(nn.Module):
   # (the box the location head predicts where EOS is predicted: referring segmentation).
   mask_adapter: nn.Module | None = None
   segment_box: str = "prompt"
+  # Dense object captioning: class-agnostic proposals on the fused feature map
+  # (models/proposal_head.py); the grid is treated as stride 16 (PROPOSAL_STRIDE), as the release.
+  proposal_head: nn.Module | None = None
 
   def encode_image(self, image: jax.Array, image_mask: jax.Array | None = None, *,
                    train: bool = False, return_sam: bool = False):
@@ -121,6 +124,24 @@ class PixelLLM(nn.Module):
                                    self.prompt_encoder.get_dense_pe((hs, ws)), sparse, dense,
                                    multimask_output=False)
     return masks.reshape(b, r, *masks.shape[2:]), iou.reshape(b, r)
+
+  def detect(self, image: jax.Array, image_mask: jax.Array | None = None, *,
+             num_boxes: int = 100, iou_threshold: float = 0.9
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Class-agnostic proposals: image float32[B, S, S, 3] -> (boxes float32[B, K, 4] xyxy in
+    [0, 1], scores float32[B, K], valid bool[B, K]) after NMS, K = num_boxes."""
+    from pixel_llm.models import proposal_head as proposal_lib
+    if self.proposal_head is None:
+      raise ValueError("detect needs a network with a proposal head "
+                       "(config.model.proposal_head.enabled).")
+    feats = self.encode_image(image, image_mask)
+    out = self.proposal_head(feats)
+    size = proposal_frame(feats)
+    boxes, scores, valid = proposal_lib.decode_proposals(
+        out["logits"], out["ltrb"], self.proposal_head.strides, (size[0], size[1]),
+        post_nms_topk=num_boxes, iou_threshold=iou_threshold)
+    scale = jnp.asarray([size[1], size[0], size[1], size[0]], jnp.float32)
+    return boxes / scale, scores, valid
 
   def encode_prompts(self, features: jax.Array, *, boxes: jax.Array | None = None,
                      points: jax.Array | None = None, point_labels: jax.Array | None = None,
@@ -219,6 +240,8 @@ class PixelLLM(nn.Module):
                                          train=train)
     out = {"logits": logits.reshape(b, r, t, -1), "points": points.reshape(b, r, t, *points.shape[2:])}
     aux = {"hidden": hidden.reshape(b, r, t, -1), "visual_tokens": visual, "image_features": feats}
+    if self.proposal_head is not None:
+      aux["proposals"] = self.proposal_head(feats)
     if self.mask_decoder is not None:
       if sam is None:
         raise ValueError("The mask decoder needs the SAM image encoder.")
@@ -234,6 +257,16 @@ class PixelLLM(nn.Module):
       aux["masks"], aux["iou_predictions"] = self.predict_masks(sam, boxes, adapter_inputs)
       aux["mask_boxes"] = boxes
     return out, aux
+
+
+PROPOSAL_STRIDE = 16
+
+
+def proposal_frame(features: jax.Array) -> tuple[int, int]:
+  """(height, width) in pixels of the frame the proposal head's boxes live in: the feature grid
+  at stride 16 (EVA02's 27x27 grid at 384 px is really stride 14.2; boxes are normalised by
+  this frame, so the head's stride convention does not bend them)."""
+  return features.shape[1] * PROPOSAL_STRIDE, features.shape[2] * PROPOSAL_STRIDE
 
 
 def _eos_box(points: jax.Array, decoder_input_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,38 @@
+r"""Dense object captioning on Visual Genome (the paper's Table 5 mAP 17.5, T5-XL; GRiT's test split).
+
+The release's `*_densecap` stage (`anchor_scenic_pixel_llm.md` 5.2): from the trace stage, 40k
+steps at batch 64, lr 1e-4, 1k warmup, weight decay 0.05, layer decay 0.8 over EVA02. A
+class-agnostic proposal head (simple feature pyramid + CenterNet heatmap / box regression,
+`models/proposal_head.py`) runs on the fused image features; at inference its top boxes after
+NMS (0.9) are each captioned through the prompt path (`model.dense_caption_batch`) and scored by
+the DenseCap mAP (`metrics.densecap_map`: GT merged at 0.7, IoU x METEOR grid; METEOR needs Java).
+
+Deviation from the release (stated in the README): captions are trained on the ground-truth
+region boxes as prompts (the location-conditioned captioning objective of configs/loc_caption.py)
+next to the proposal loss; the release captions proposals matched to GT regions at IoU >= 0.6
+(`pixel_llm/detection/matching.py` has that matching; it is not yet in the training step), and has
+a second-stage RoI box refinement we do not.
+
+Commands:
+  python -m pixel_llm.train --config=configs/vg_densecap.py --workdir=workdirs/vg_densecap
+  python -m pixel_llm.train --config=configs/vg_densecap.py:toy --workdir=workdirs/densecap_toy
+  python -m pixel_llm.eval --config=configs/vg_densecap.py:toy --checkpoint=workdirs/densecap_toy
+The toy trains the tiny network from scratch on the synthetic world's VG-format regions (4 per
+image, 128 px); see the README for what it reaches on 2 CPU cores.
+Variants as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
+"""
+import ml_collections
+
+from configs import loc_caption
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = loc_caption.get_config(arg)  # dataset=vg: VG regions, GT box prompts, per-region captions
+  toy = c.name.endswith(":toy")
+  c.name = "vg_densecap" + (":toy" if toy else "")
+  c.model.proposal_head.enabled = True
+  c.loss.detection_weight = 1.0
+  split = c.data.eval_splits[0]
+  c.evals = ml_collections.ConfigDict({f"vg_densecap_{split}": {
+      "kind": "densecap", "split": split, "num_boxes": 16 if toy else 100, "meteor": True}})
+  return c
