@@ -12,6 +12,8 @@ Parameter tree (timm names with `.` -> `/`, `blocks.i` -> `blocks_i`, weight -> 
   blocks_i/{norm1, attn/{q_proj, k_proj (no bias), v_proj, proj}, norm2,
             mlp/{fc1_g, fc1_x, norm, fc2}},
   norm.
+With `scan_layers` (models/scan.py) the blocks are one `blocks/...` subtree, leaves [depth, ...];
+`scan.stack_layers(params, "blocks_{i}", "blocks")` converts, and `load` fills either layout.
 
 `load(init_params, path)` reads timm's `eva02_{base,large}_patch14_*` files (safetensors or .pth;
 `norm` or timm's `fc_norm`) and the official EVA02 MIM checkpoints (`attn.q_bias/v_bias`,
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixel_llm.models import checkpoint_io, layers
+from pixel_llm.models import checkpoint_io, layers, scan
 
 Dtype = Any
 
@@ -162,21 +164,29 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _drop(self, y: jax.Array, train: bool) -> jax.Array:
+  def _drop(self, y: jax.Array, train: bool, rate: jax.Array | None) -> jax.Array:
     # Each branch draws its own rng so the two residual branches drop independently.
+    if rate is not None:  # a scanned layer's own rate (traced)
+      return scan.drop_path(y, rate, not train, self.make_rng("dropout") if train else None)
     rng = self.make_rng("dropout") if train and self.drop_path > 0 else None
     return layers.drop_path(y, self.drop_path, not train, rng)
 
   @nn.compact
-  def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array,
-               train: bool = False) -> jax.Array:
-    """x: [B, T, D]; sin/cos: [T-1, Dh] -> [B, T, D]."""
+  def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, train: bool = False,
+               drop_rate: jax.Array | None = None,
+               init_scale: jax.Array | None = None) -> jax.Array:
+    """x: [B, T, D]; sin/cos: [T-1, Dh] -> [B, T, D].
+
+    drop_rate, init_scale: float32[] per-layer values that replace `drop_path` and
+    `out_init_scale` (a scan over blocks feeds them as scanned inputs).
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    scale = self.out_init_scale if init_scale is None else init_scale
     y = layers.layer_norm(1e-6, name="norm1", **kw)(x)
-    y = Attention(self.num_heads, self.out_init_scale, name="attn", **kw)(y, sin, cos)
-    x = x + self._drop(y, train)
+    y = Attention(self.num_heads, scale, name="attn", **kw)(y, sin, cos)
+    x = x + self._drop(y, train, drop_rate)
     y = layers.layer_norm(1e-6, name="norm2", **kw)(x)
-    x = x + self._drop(SwiGLU(self.mlp_dim, self.out_init_scale, name="mlp", **kw)(y), train)
+    x = x + self._drop(SwiGLU(self.mlp_dim, scale, name="mlp", **kw)(y), train, drop_rate)
     return layers.constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -193,7 +203,10 @@ class Eva02(nn.Module):
       PixelLLM release computes them (`pt_seq_len` = input grid); both agree at the pretrain size.
     rope_theta: RoPE temperature.
     drop_path_rate: stochastic depth of the last block; linear from 0 over depth.
-    remat: rematerialise each block in the backward pass.
+    remat: rematerialise each block in the backward pass, keeping what `remat_policy` names.
+    scan_layers: run the blocks under `nn.scan`; `blocks_i` become one `blocks` subtree whose
+      leaves have a leading [depth] axis. The per-block drop-path rate and EVA's per-block output
+      init scale are scanned inputs, so both match the unrolled model.
   """
 
   width: int = 1024
@@ -206,6 +219,8 @@ class Eva02(nn.Module):
   rope_theta: float = 10000.0
   drop_path_rate: float = 0.1
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -240,12 +255,26 @@ class Eva02(nn.Module):
                            self.rope_theta)
     sin, cos = jnp.asarray(sin), jnp.asarray(cos)
 
-    block_cls = nn.remat(Block, static_argnums=(4,)) if self.remat else Block
+    block_cls = scan.remat_block(Block, self.remat, self.remat_policy, (4,),
+                                 scanned=self.scan_layers)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
-    for i in range(self.depth):
-      x = block_cls(self.num_heads, mlp_dim, float(rates[i]),
-                    out_init_scale=1.0 / math.sqrt(2.0 * (i + 1)),  # EVA's fix_init_weight
-                    name=f"blocks_{i}", **kw)(x, sin, cos, train)
+    init_scales = 1.0 / np.sqrt(2.0 * np.arange(1, self.depth + 1))  # EVA's fix_init_weight
+    if self.scan_layers:
+      # Without drop path no rate is fed, so eval and rate-0 training need no dropout rng.
+      per_layer = (jnp.asarray(rates, jnp.float32) if self.drop_path_rate > 0 else None,
+                   jnp.asarray(init_scales, jnp.float32))
+
+      def call(block, h, bcast, xs):
+        return block(h, *bcast, train, *xs)
+
+      x = scan.scan_blocks(block_cls(self.num_heads, mlp_dim, name="blocks", **kw), x,
+                           length=self.depth, broadcast=(sin, cos), per_layer=per_layer,
+                           call=call)
+    else:
+      for i in range(self.depth):
+        x = block_cls(self.num_heads, mlp_dim, float(rates[i]),
+                      out_init_scale=float(init_scales[i]), name=f"blocks_{i}", **kw)(
+                          x, sin, cos, train)
 
     x = layers.layer_norm(1e-6, dtype=jnp.float32, param_dtype=self.param_dtype, name="norm")(x)
     return x[:, 1:].reshape(b, h, w, d), {"cls": x[:, 0]}
@@ -296,7 +325,14 @@ def convert(key: str, value: np.ndarray):
 
 def load_tensors(init_params, tensors, source: str, img_size: int | None = None,
                  patch_size: int = 14):
-  """`load` from an iterator of (key, array) instead of a file."""
+  """`load` from an iterator of (key, array) instead of a file; a scanned `init_params` (one
+  `blocks` subtree) gives scanned params."""
+  return scan.load_unrolled(
+      lambda init: _load_unrolled(init, tensors, source, img_size, patch_size),
+      nn.meta.unbox(init_params), "blocks_{i}", "blocks")
+
+
+def _load_unrolled(init_params, tensors, source, img_size, patch_size):
   target_tokens = np.shape(init_params["pos_embed"])[1]
 
   def resampled(tensors):

@@ -14,6 +14,11 @@ Parameter tree (mirrors the torch module names so the checkpoint converter is a 
   neck/conv1, ln1, conv2, ln2            torch neck.0 .. neck.3 (conv kernels are torch's
                                          weight transposed to (kh, kw, in, out))
 
+`scan_layers=True` (models/scan.py) scans over groups of `period` consecutive blocks, the
+repeating windowed/global pattern (ViT-H: 4 groups of 7 windowed + 1 global): block g * period
++ j lives at `blocks/blocks_{j}` index g (leaves [depth / period, ...]). Convert with
+`scan.stack_layers(params, "blocks_{i}", "blocks", period=model.period)`; `load` fills either.
+
 Inputs that are not 1024 px (PixelLLM feeds 384 px) get the stored tables resampled at run time:
 `pos_embed` bicubic and the relative-position tables linearly, both by default with the exact
 sampling math of torch `F.interpolate(..., align_corners=False)` (bicubic A = -0.75, no
@@ -35,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixel_llm.models import checkpoint_io
+from pixel_llm.models import checkpoint_io, scan
 from pixel_llm.models.layers import (
     LayerNorm2d, attention, constrain, conv, dense, drop_path, layer_norm, torch_linear_init,
     with_axes)
@@ -233,9 +238,17 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def _drop(self, y: jax.Array, train: bool, rate: jax.Array | None) -> jax.Array:
+    if rate is not None:  # a scanned layer's own rate (traced)
+      return scan.drop_path(y, rate, not train, self.make_rng("dropout") if train else None)
+    use_rng = train and self.drop_path_rate > 0.0
+    return drop_path(y, self.drop_path_rate, not train,
+                     self.make_rng("dropout") if use_rng else None)
+
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """x: [B, H, W, D] -> [B, H, W, D]."""
+  def __call__(self, x: jax.Array, train: bool = False,
+               drop_rate: jax.Array | None = None) -> jax.Array:
+    """x: [B, H, W, D] -> [B, H, W, D]; drop_rate: float32[] replaces `drop_path_rate`."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = layer_norm(1e-6, name="norm1", **kw)(x)
     if self.window_size > 0:
@@ -244,13 +257,40 @@ class Block(nn.Module):
     y = Attention(self.num_heads, self.rel_pos_size, self.resize_impl, name="attn", **kw)(y)
     if self.window_size > 0:
       y = window_unpartition(y, self.window_size, pad_hw, hw)
-    use_rng = train and self.drop_path_rate > 0.0
-    x = x + drop_path(y, self.drop_path_rate, not train,
-                      self.make_rng("dropout") if use_rng else None)
+    x = x + self._drop(y, train, drop_rate)
     y = layer_norm(1e-6, name="norm2", **kw)(x)
     y = MlpBlock(int(x.shape[-1] * self.mlp_ratio), name="mlp", **kw)(y)
-    return x + drop_path(y, self.drop_path_rate, not train,
-                         self.make_rng("dropout") if use_rng else None)
+    return x + self._drop(y, train, drop_rate)
+
+
+class BlockGroup(nn.Module):
+  """One period of the block pattern (ViT-H: 7 windowed + 1 global), the unit `scan_layers`
+  repeats; block j is `blocks_{j}` and is global where `is_global[j]`. Only run under nn.scan
+  (its remat leaves out CSE barriers)."""
+
+  is_global: tuple[bool, ...]
+  num_heads: int
+  mlp_ratio: float
+  window_size: int
+  grid: int
+  resize_impl: str = "torch"
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               drop_rates: jax.Array | None = None) -> jax.Array:
+    """x: [B, H, W, D] -> [B, H, W, D]; drop_rates: float32[period] or None (no drop path)."""
+    block_cls = scan.remat_block(Block, self.remat, self.remat_policy, (2,), scanned=True)
+    for j, is_global in enumerate(self.is_global):
+      x = block_cls(self.num_heads, self.mlp_ratio, 0 if is_global else self.window_size,
+                    self.grid if is_global else self.window_size, resize_impl=self.resize_impl,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{j}")(
+                        x, train, None if drop_rates is None else drop_rates[j])
+      x = constrain(x, ("batch", None, None, "act_embed"))
+    return x
 
 
 class Neck(nn.Module):
@@ -305,7 +345,9 @@ class SamImageEncoder(nn.Module):
   pretrain_img_size: int = 1024
   drop_path_rate: float = 0.0
   resize_impl: str = "torch"  # "torch" (F.interpolate math) or "jax" (scenic's jax.image.resize)
-  remat: bool = False
+  remat: bool = False  # rematerialise each block, keeping what `remat_policy` names
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False  # nn.scan over repeats of `period` blocks (see `period`)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -323,7 +365,39 @@ class SamImageEncoder(nn.Module):
     pos = self.param("pos_embed", pos_init, (1, grid, grid, self.width), self.param_dtype)
     x = x + resize_pos_embed(pos, x.shape[1:3], self.resize_impl).astype(self.dtype)
 
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    if self.scan_layers:
+      x = self._scanned_blocks(x, grid, train)
+    else:
+      x = self._unrolled_blocks(x, grid, train)
+    features = Neck(self.out_chans, name="neck", **kw)(x)
+    return features.astype(jnp.float32), {"pre_neck": x}
+
+  @property
+  def period(self) -> int:
+    """Smallest p dividing depth with block i global iff block i mod p is (ViT-H/L: 8/6,
+    ViT-B: 3; no global block: 1). A pattern without a shorter period gives one group of
+    `depth` blocks: scanning that is correct but saves no compile time."""
+    is_global = [i in self.global_attn_indexes for i in range(self.depth)]
+    return next(p for p in range(1, self.depth + 1)
+                if self.depth % p == 0 and is_global == is_global[:p] * (self.depth // p))
+
+  def _scanned_blocks(self, x: jax.Array, grid: int, train: bool) -> jax.Array:
+    """Scan over depth / period groups (`blocks/blocks_{j}`, leaves [groups, ...]); the
+    per-block drop-path rates ([groups, period]) are a scanned input."""
+    p = self.period
+    rates = None
+    if self.drop_path_rate > 0.0:
+      rates = jnp.asarray(self.drop_path_rate * np.arange(self.depth) / max(self.depth - 1, 1),
+                          jnp.float32).reshape(-1, p)
+    group = BlockGroup(tuple(i in self.global_attn_indexes for i in range(p)), self.num_heads,
+                       self.mlp_ratio, self.window_size, grid, self.resize_impl, self.remat,
+                       self.remat_policy, self.dtype, self.param_dtype, name="blocks")
+    return scan.scan_blocks(group, x, length=self.depth // p, per_layer=rates,
+                            call=lambda m, h, _, r: m(h, train, r))
+
+  def _unrolled_blocks(self, x: jax.Array, grid: int, train: bool) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block_cls = scan.remat_block(Block, self.remat, self.remat_policy, (2,))
     for i in range(self.depth):
       is_global = i in self.global_attn_indexes
       x = block_cls(
@@ -335,8 +409,7 @@ class SamImageEncoder(nn.Module):
           resize_impl=self.resize_impl,
           name=f"blocks_{i}", **kw)(x, train)  # positional: remat's static_argnums
       x = constrain(x, ("batch", None, None, "act_embed"))
-    features = Neck(self.out_chans, name="neck", **kw)(x)
-    return features.astype(jnp.float32), {"pre_neck": x}
+    return x
 
 
 def Model(variant: str = "vit_h", **kw) -> SamImageEncoder:  # pylint: disable=invalid-name
@@ -420,10 +493,15 @@ def converter(layout: str | None = None):
 
 
 def load_tensors(init_params, tensors, source: str, layout: str | None = None):
-  """`load` from an iterator of (key, array) instead of a file."""
+  """`load` from an iterator of (key, array) instead of a file; a scanned `init_params`
+  (`blocks/blocks_{j}`, see `SamImageEncoder.period`) gives scanned params."""
   if layout is not None and layout not in LAYOUT_PREFIX:
     raise ValueError(f"layout must be one of {sorted(LAYOUT_PREFIX)} or None, got {layout!r}")
-  return checkpoint_io.fill(init_params, tensors, converter(layout), source)
+  init_params = nn.meta.unbox(init_params)
+  period = len(init_params["blocks"]) if "blocks" in init_params else None
+  return scan.load_unrolled(
+      lambda init: checkpoint_io.fill(init, tensors, converter(layout), source), init_params,
+      "blocks_{i}", "blocks", period)
 
 
 def load(init_params, path: str, *, ignore=(), layout: str | None = None):

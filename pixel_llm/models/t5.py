@@ -12,6 +12,11 @@ rename plus a kernel transpose:
   {encoder,decoder}/final_layer_norm, lm_head          (D, vocab)
   LoRA adds `lora_a` (Din, r) and `lora_b` (r, Dout) next to a targeted projection's `kernel`.
 
+`scan_layers=True` runs each stack's blocks under `nn.scan` (models/scan.py): `block_{i}` becomes
+one `{encoder,decoder}/block` subtree whose leaves (LoRA factors and decoding caches included)
+have a leading [layers] axis; `scan.stack_layers` / `unstack_layers` convert between the layouts
+and `load` fills either. `remat` rematerialises each block with `remat_policy`.
+
 Cached decoding (apply with `mutable=["cache"]`): `T5.init_cache(encoded, encoder_mask,
 max_length)` creates a "cache" collection (projected cross-attention keys/values and the encoder
 mask, computed once; zeroed self-attention key/value buffers of `max_length` positions; a write
@@ -22,6 +27,7 @@ their logits and hidden states, equal to the teacher-forced `decode` at those po
   decoder/{encoder_mask, decoder_mask}                   bool[B, L], bool[B, T] (written keys)
   decoder/block_{i}/layer_0/SelfAttention/cached_{key,value}    [B, N, T, Dh]
   decoder/block_{i}/layer_1/EncDecAttention/cached_{key,value}  [B, N, L, Dh]
+  (with scan_layers: decoder/block/layer_{0,1}/..., the same arrays stacked: [layers, B, ...])
 
 `map_cache` applies a function to every per-sequence cache array (beam search reorders them).
 
@@ -43,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixel_llm.models import checkpoint_io
+from pixel_llm.models import checkpoint_io, layers, scan
 from pixel_llm.models.layers import with_axes
 from pixel_llm.models.lora import LoraDense
 
@@ -76,8 +82,11 @@ class T5Config:
   lora_scale: float = 2.0
   lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
   remat: bool = False  # rematerialise each block in the backward pass (training memory)
+  remat_policy: str = "nothing_saveable"  # what a remat block keeps (layers.REMAT_POLICIES)
+  scan_layers: bool = False  # nn.scan over each stack's blocks: `block` with leading [layers]
 
   def __post_init__(self):
+    layers.remat_policy(self.remat_policy)  # fails early on an unknown policy name
     unknown = set(self.lora_targets) - set(LORA_TARGETS)
     if unknown:
       raise ValueError(f"unknown lora_targets {sorted(unknown)}; choose from {LORA_TARGETS}")
@@ -361,12 +370,25 @@ class Stack(nn.Module):
         self_mask = self_mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
         encoder_mask = encoder_mask[:, None, None, :]
     x = _dropout(x, cfg.dropout_rate, train)
-    layers = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
-    remat = cfg.remat and not decode
-    block_cls = nn.remat(Block, static_argnums=(6,)) if remat else Block
-    for i in range(layers):  # A scan over identical blocks can replace this loop later.
-      x = block_cls(cfg, self.is_decoder, name=f"block_{i}")(
-          x, bias, self_mask, encoded, encoder_mask, train, **cache_kw)
+    depth = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
+    block_cls = scan.remat_block(Block, cfg.remat and not decode, cfg.remat_policy, (6,),
+                                 scanned=cfg.scan_layers)
+    if cfg.scan_layers:
+      # Python values (train, decode, max_length) are closed over; arrays travel as broadcasts.
+      index = cache_kw.pop("cache_index", None)
+
+      def call(block, h, bcast, _):
+        *args, cache_index = bcast
+        kw = dict(cache_kw, cache_index=cache_index) if decode else {}
+        return block(h, *args, train, **kw)
+
+      x = scan.scan_blocks(block_cls(cfg, self.is_decoder, name="block"), x, length=depth,
+                           broadcast=(bias, self_mask, encoded, encoder_mask, index), call=call,
+                           collections=("params", "cache"))
+    else:
+      for i in range(depth):
+        x = block_cls(cfg, self.is_decoder, name=f"block_{i}")(
+            x, bias, self_mask, encoded, encoder_mask, train, **cache_kw)
     return RMSNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name="final_layer_norm")(x)
 
 
@@ -452,6 +474,8 @@ def Model(variant: str = "xl", **overrides) -> T5:  # pylint: disable=invalid-na
   return T5(T5Config.preset(variant, **overrides))
 
 
+# Parameter/cache subtree of the blocks of a stack under `scan_layers` (leaves [layers, ...]).
+SCANNED_BLOCK = "block"
 # Cache entries fixed for a sequence's lifetime; the beams of one prompt share them.
 STATIC_CACHE_NAMES = ("EncDecAttention", "encoder_mask")
 
@@ -459,12 +483,14 @@ STATIC_CACHE_NAMES = ("EncDecAttention", "encoder_mask")
 def map_cache(fn, cache: Any, *, dynamic_only: bool = False) -> Any:
   """Applies fn to every batch-major array ([B, ...]) of a decoding cache (any tree holding T5
   caches); the shared scalar `index` is left as is, and with `dynamic_only` so are the entries in
-  STATIC_CACHE_NAMES (a beam reorder within each prompt does not change them)."""
+  STATIC_CACHE_NAMES (a beam reorder within each prompt does not change them). Scanned caches
+  ([layers, B, ...] under `block`) get `jax.vmap(fn)`, so fn must be traceable by jax."""
   def apply(path, x):
     keys = [str(getattr(p, "key", p)) for p in path]
     if x.ndim == 0 or (dynamic_only and any(k in STATIC_CACHE_NAMES for k in keys)):
       return x
-    return fn(x)
+    # Scanned blocks hold [layers, B, ...]: fn sees each layer's batch-major slice.
+    return jax.vmap(fn)(x) if SCANNED_BLOCK in keys else fn(x)
   return jax.tree_util.tree_map_with_path(apply, cache)
 
 
@@ -506,7 +532,16 @@ def hf_key_to_flax(key: str) -> tuple[tuple[str, ...], bool] | None:
 
 def load_tensors(init_params: Any, tensors: Iterator[tuple[str, np.ndarray]],
                  source: str = "checkpoint") -> dict:
-  """`load` on (HF key, array) pairs; LoRA factors keep their values from `init_params`."""
+  """`load` on (HF key, array) pairs; LoRA factors keep their values from `init_params`.
+
+  `init_params` may be scanned (`scan_layers`): the HF keys fill its unrolled view, restacked.
+  """
+  return scan.load_unrolled(lambda init: _load_unrolled(init, tensors, source),
+                            nn.meta.unbox(init_params), "block_{i}", SCANNED_BLOCK)
+
+
+def _load_unrolled(init_params: dict, tensors: Iterator[tuple[str, np.ndarray]],
+                   source: str) -> dict:
   embedding = []  # The first of the tied input embeddings; later aliases must equal it.
 
   def convert(key, value):
@@ -556,7 +591,7 @@ def load(init_params: Any, path: str, *, ignore: Sequence[str] = ()) -> dict:
   skip. Returns nested numpy arrays (kernels transposed to (in, out)); LoRA factors are not in
   public checkpoints and keep their init (B = 0, so the model starts as the checkpoint). Raises
   CheckpointMismatchError naming every missing, unexpected or mis-shaped key, and CheckpointError
-  for unreadable or unsafe files.
+  for unreadable or unsafe files. A scanned `init_params` (`block` subtrees) gives scanned params.
   """
   def tensors():
     for file in checkpoint_files(path):
