@@ -58,13 +58,15 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
   c.image_size = image_size
   c.dtype = "float32"  # compute dtype; parameters stay float32
   c.sam = dict(SAM[sam], patch_size=16, window_size=SAM[sam].get("window_size", 14),
-               pretrain_img_size=1024, drop_path_rate=0.0, remat=False)
+               pretrain_img_size=1024, drop_path_rate=0.0, remat=False,
+               remat_policy="nothing_saveable", scan_layers=False)
   c.eva02 = dict(EVA02[eva02], patch_size=14, pretrain_img_size=224,
-                 drop_path_rate=0.1 if eva02 != "tiny" else 0.0, remat=False)
+                 drop_path_rate=0.1 if eva02 != "tiny" else 0.0, remat=False,
+                 remat_policy="nothing_saveable", scan_layers=False)
   c.prompt_encoder = dict(embed_dim=prompt_dim)
   c.prompt_extractor = dict(PROMPT_EXTRACTOR[prompt_extractor], prompt_dim=prompt_dim)
   c.t5 = dict(T5[t5], vocab_size=vocab_size, dropout_rate=0.1, lora_rank=lora_rank,
-              lora_scale=2.0, remat=False)
+              lora_scale=2.0, remat=False, remat_policy="nothing_saveable", scan_layers=False)
   c.location_head = dict(hidden_dim=512 if t5 != "tiny" else 128, depth=4, num_points=2)
   # SAM's mask decoder (4.06 M parameters, from the SAM checkpoint); on for segmentation configs.
   c.mask_decoder = dict(enabled=mask_decoder, transformer_dim=prompt_dim)

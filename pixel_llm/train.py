@@ -98,6 +98,8 @@ def _initial_params(config, params):
           "pixel_llm.tools.convert` and pass --config.init_checkpoint=DIR (or set "
           "PIXEL_LLM_INIT_CHECKPOINT), or train everything with --config.frozen_params='()'.")
     return params
+  # Converted weights are stored unrolled; scanned towers are restored through that view.
+  params = build.convert_layout(params, config.model, "unrolled")
   params, kept = pretrained.restore_into(params, init_checkpoint,
                                          config.get("init_patterns", ("",)))
   print(f"Initialised from {init_checkpoint}"
@@ -108,7 +110,7 @@ def _initial_params(config, params):
     if any(k.startswith("mask_decoder/") for k in kept):
       raise ValueError(f"{config.sam_checkpoint} has no mask decoder (missing e.g. {kept[0]}).")
     print(f"Mask decoder from {config.sam_checkpoint}", flush=True)
-  return params
+  return build.convert_layout(params, config.model, "scanned")
 
 
 @dataclasses.dataclass

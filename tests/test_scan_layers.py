@@ -303,3 +303,31 @@ def test_bad_remat_policy_raises():
     with pytest.raises(ValueError, match="Unknown remat policy 'dots'"):
       jax.eval_shape(model.init, jax.random.key(0), IMG)
   assert layers.remat_policy("dots_saveable") is jax.checkpoint_policies.dots_saveable
+
+
+def test_config_scan_fields_and_layout_conversion_of_the_whole_network():
+  """configs/common.py's scan_layers fields reach every tower, and build.convert_layout maps the
+  scanned network's parameter tree onto the unrolled one (the layout of converted weights) and
+  back, path for path and shape for shape."""
+  import flax.linen as nn
+  from flax import traverse_util
+
+  from configs import ln
+  from pixel_llm.models import build
+
+  unrolled_config = ln.get_config("toy")
+  unrolled_config.model.sam.update(depth=4, global_attn_indexes=(1, 3))
+  scanned_config = ln.get_config("toy")
+  scanned_config.model.sam.update(depth=4, global_attn_indexes=(1, 3))
+  for tower in ("sam", "eva02", "t5"):
+    scanned_config.model[tower].scan_layers = True
+  shapes = lambda t: {k: v.shape for k, v in traverse_util.flatten_dict(t).items()}  # noqa: E731
+  plain = nn.meta.unbox(build.abstract_params(unrolled_config))
+  scanned = nn.meta.unbox(build.abstract_params(scanned_config))
+  assert any(k[:3] == ("t5", "encoder", "block") for k in shapes(scanned))
+  assert any(k[:2] == ("eva02", "blocks") for k in shapes(scanned))
+  assert any(k[:3] == ("sam_image_encoder", "blocks", "blocks_1") for k in shapes(scanned))
+  as_unrolled = build.convert_layout(scanned, scanned_config.model, "unrolled")
+  assert shapes(as_unrolled) == shapes(plain)
+  back = build.convert_layout(as_unrolled, scanned_config.model, "scanned")
+  assert shapes(back) == shapes(scanned)

@@ -70,6 +70,42 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
   )
 
 
+def scanned_towers(model: ml_collections.ConfigDict) -> list[tuple[tuple[str, ...], str, str,
+                                                                     int | None]]:
+  """The towers `config.model` scans over layers: (path of the tower's subtree, unrolled layer
+  name pattern, stacked name, group period) for `scan.stack_layers` / `unstack_layers`."""
+  towers = []
+  if model.t5.get("scan_layers", False):
+    towers += [(("t5", "encoder"), "block_{i}", "block", None),
+               (("t5", "decoder"), "block_{i}", "block", None)]
+  if model.get("eva02") and model.eva02.get("scan_layers", False):
+    towers.append((("eva02",), "blocks_{i}", "blocks", None))
+  if model.get("sam") and model.sam.get("scan_layers", False):
+    period = sam_lib.SamImageEncoder(**_fields(model.sam)).period
+    towers.append((("sam_image_encoder",), "blocks_{i}", "blocks", period))
+  return towers
+
+
+def convert_layout(params: dict, model: ml_collections.ConfigDict, to: str) -> dict:
+  """Moves the scanned towers of a params tree between layouts: to="unrolled" (the layout of
+  converted public weights and of unscanned configs) or "scanned" (this config's)."""
+  from pixel_llm.models import scan
+  out = dict(params)
+  for path, pattern, stacked, period in scanned_towers(model):
+    parent = out
+    for key in path[:-1]:
+      parent[key] = dict(parent[key])
+      parent = parent[key]
+    node = parent[path[-1]]
+    if to == "unrolled":
+      parent[path[-1]] = scan.unstack_layers(node, pattern, stacked)
+    elif to == "scanned":
+      parent[path[-1]] = scan.stack_layers(node, pattern, stacked, period=period)
+    else:
+      raise ValueError(f"to must be 'unrolled' or 'scanned', not {to!r}")
+  return out
+
+
 def build_model(config: ml_collections.ConfigDict) -> PixelLLMModel:
   """The model adapter the binaries use."""
   return PixelLLMModel(build_network(config.model), LossConfig(**_fields(config.loss)))
