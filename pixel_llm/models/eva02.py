@@ -167,7 +167,7 @@ class Block(nn.Module):
   def _drop(self, y: jax.Array, train: bool, rate: jax.Array | None) -> jax.Array:
     # Each branch draws its own rng so the two residual branches drop independently.
     if rate is not None:  # a scanned layer's own rate (traced)
-      return scan.drop_path(y, rate, not train, self.make_rng("dropout") if train else None)
+      return layers.drop_path(y, rate, not train, self.make_rng("dropout") if train else None)
     rng = self.make_rng("dropout") if train and self.drop_path > 0 else None
     return layers.drop_path(y, self.drop_path, not train, rng)
 

@@ -167,14 +167,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
   return jnp.einsum("...nqk,...knd->...qnd", weights, v)
 
 
-def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: jax.Array | None) -> jax.Array:
-  """Stochastic depth: drops the whole residual branch per example with probability `rate`."""
-  if deterministic or rate == 0.0:
+def drop_path(x: jax.Array, rate: jax.Array | float, deterministic: bool,
+              rng: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example with probability `rate`.
+
+  x: [B, ...]. `rate` may be traced (a scanned per-layer input); rate 1 drops the branch with
+  zero (not NaN) gradients.
+  """
+  if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
-  keep = 1.0 - rate
-  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-  mask = jax.random.bernoulli(rng, keep, shape)
-  return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.where(keep > 0, keep, 1.0), 0.0).astype(x.dtype)
 
 
 def count_params(tree: Any) -> int:

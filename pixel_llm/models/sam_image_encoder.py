@@ -240,7 +240,7 @@ class Block(nn.Module):
 
   def _drop(self, y: jax.Array, train: bool, rate: jax.Array | None) -> jax.Array:
     if rate is not None:  # a scanned layer's own rate (traced)
-      return scan.drop_path(y, rate, not train, self.make_rng("dropout") if train else None)
+      return drop_path(y, rate, not train, self.make_rng("dropout") if train else None)
     use_rng = train and self.drop_path_rate > 0.0
     return drop_path(y, self.drop_path_rate, not train,
                      self.make_rng("dropout") if use_rng else None)

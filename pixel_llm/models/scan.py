@@ -185,16 +185,3 @@ def load_unrolled(load_fn: Callable[[Any], Any], init_params: Any, pattern: str,
     return load_fn(init_params)
   loaded = load_fn(unstack_layers(init_params, pattern, stacked))
   return stack_layers(loaded, pattern, stacked, period=period)
-
-
-def drop_path(x: jax.Array, rate: jax.Array | float, deterministic: bool,
-              rng: jax.Array | None) -> jax.Array:
-  """`layers.drop_path` for a rate that may be traced (a scanned per-layer input); x: [B, ...].
-
-  Same values as `layers.drop_path`; rate 1 drops the branch with finite (zero) gradients.
-  """
-  if deterministic:
-    return x
-  keep = 1.0 - jnp.asarray(rate, jnp.float32)
-  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / jnp.where(keep > 0, keep, 1.0), 0.0).astype(x.dtype)

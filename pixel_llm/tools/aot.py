@@ -163,8 +163,11 @@ def _report(config, topology, mesh, device, compiled, error, timing) -> dict:
       "config": config.get("name", ""), "topology": topology, "device_kind": device.device_kind,
       "devices": mesh.devices.size, "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "batch_size": int(config.batch_size), "dtype": config.model.get("dtype", "float32"),
-      "remat": {k: bool(config.model[k].get("remat", False))
+      "remat": {k: (config.model[k].get("remat_policy", "nothing_saveable")
+                    if config.model[k].get("remat", False) else False)
                 for k in ("sam", "eva02", "t5") if config.model.get(k)},
+      "scan_layers": {k: bool(config.model[k].get("scan_layers", False))
+                      for k in ("sam", "eva02", "t5") if config.model.get(k)},
       "hbm_bytes": hbm, "fits": False, "compile_error": error,
       "memory_per_device": None, "cost_model": None, **timing,
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -217,7 +220,8 @@ def format_report(r: dict) -> str:
   gib = lambda b: f"{b / GIB:8.2f} GiB"
   lines = [
       f"{r['config']} on {r['topology']} ({r['devices']} x {r['device_kind']}), mesh {r['mesh']}, "
-      f"batch {r['batch_size']}, dtype {r['dtype']}, remat {r['remat']}"]
+      f"batch {r['batch_size']}, dtype {r['dtype']}, remat {r['remat']}, "
+      f"scan {r['scan_layers']}"]
   if m is None:
     lines.append(f"DOES NOT FIT {r['hbm_bytes'] / GIB:.2f} GiB HBM per device; the TPU compiler "
                  f"says: {r['compile_error']}")
