@@ -37,6 +37,11 @@ def lr_multipliers(params: Any, rules: Sequence[tuple[str, float]] = (),
   if layer_decay:
     blocks = {int(m.group(1)) for p in jax.tree.leaves(paths)
               for m in [re.search(rf"(?:^|/){re.escape(tower)}/blocks_(\d+)/", p)] if m}
+    if not blocks and any(re.search(rf"(?:^|/){re.escape(tower)}/blocks/", p)
+                          for p in jax.tree.leaves(paths)):
+      raise ValueError(f"layer_decay {layer_decay} gives each block of {tower} its own rate, but "
+                       f"{tower}'s blocks are scanned (one stacked parameter per weight): set "
+                       f"--config.model.{tower}.scan_layers=False or --config.layer_decay=0.")
     if not blocks:
       raise ValueError(f"layer_decay {layer_decay}: no parameters match {tower}/blocks_<i>/ "
                        "(is config.layer_decay_tower the right module?)")
