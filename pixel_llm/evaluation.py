@@ -42,7 +42,7 @@ from pixel_llm.data import pipeline
 
 DEFAULT_EVALS = {"ln_val": {"kind": "caption_trace"}}
 CAPTION_METRICS = ("token_accuracy", "trace_l1", "cider")
-KNOWN_METRICS = ("token_accuracy", "trace_l1", "cider", "bleu", "rouge_l", "meteor")
+KNOWN_METRICS = ("token_accuracy", "trace_l1", "cider", "bleu", "rouge_l", "meteor", "spice")
 
 
 def _text(x) -> str:
@@ -61,6 +61,8 @@ def _caption_scores(name: str, predictions: dict, references: dict) -> dict[str,
     return {"rouge_l": metrics_lib.rouge_l(predictions, references)}
   if name == "meteor":
     return {"meteor": metrics_lib.meteor(predictions, references)}
+  if name == "spice":  # needs the CoreNLP jars ($PIXEL_LLM_CORENLP_DIR)
+    return {"spice": metrics_lib.spice(predictions, references)}
   raise AssertionError(name)  # names are checked against KNOWN_METRICS up front
 
 

@@ -160,3 +160,17 @@ def test_meteor_matches_pycocoevalcap():
 
 PINNED_METEOR = 0.17038503939485108  # mean of the sentence scores would be 0.18357
 PINNED_SINGLE = 0.3671172948293855
+
+
+def test_spice_without_corenlp_is_a_clear_error(monkeypatch, tmp_path):
+  """SPICE is optional: without the user-supplied CoreNLP jars it says what to get and where."""
+  from pixel_llm.metrics import SpiceUnavailableError, spice
+  monkeypatch.delenv("PIXEL_LLM_CORENLP_DIR", raising=False)
+  preds, refs = {"1": "a dog"}, {"1": ["a brown dog"]}
+  if shutil.which("java") is not None:
+    with pytest.raises(SpiceUnavailableError, match="PIXEL_LLM_CORENLP_DIR"):
+      spice(preds, refs)
+    with pytest.raises(SpiceUnavailableError, match="CoreNLP jars missing"):
+      spice(preds, refs, corenlp_dir=str(tmp_path))
+  with pytest.raises(SpiceUnavailableError, match="not found"):
+    spice(preds, refs, java="no-such-java-binary")
