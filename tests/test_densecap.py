@@ -1,12 +1,15 @@
-"""Dense object captioning end to end: configs/vg_densecap.py's toy on a tiny synthetic world in
-Visual Genome's format (regions -> build vg -> seqio region task -> train with the proposal loss
-next to the caption loss -> proposals + a caption per box -> DenseCap mAP)."""
+"""Dense object captioning and location-conditioned captioning end to end, in one training run:
+configs/vg_densecap.py's toy on a tiny synthetic world in Visual Genome's format (regions -> build
+vg -> seqio region task with R boxes per image -> train with the proposal loss next to the caption
+loss on the GT boxes -> (a) proposals + a caption per box -> DenseCap mAP, (b) configs/
+loc_caption.py's evaluation: a greedy caption per GT box, scored per region)."""
 import json
 import os
 import shutil
 
 import numpy as np
 
+from configs import loc_caption
 from configs import vg_densecap
 from pixel_llm import metrics
 from pixel_llm import train
@@ -22,6 +25,7 @@ def test_vg_densecap_toy_trains_detects_and_scores(tmp_path):
            checkpoint_every_steps=4, eval_every_steps=1000)
   java = shutil.which("java") is not None
   c.evals.vg_densecap_val.update(num_boxes=5, meteor=java)
+  c.evals.vg_loca_val = loc_caption.get_config("toy").evals.vg_loca_val  # the same network
   # fsdp shards the convolutions' output channels; the proposal head has no tensor-parallel dim.
   c.mesh = dict(data=2, fsdp=4, tensor=1)
   workdir = str(tmp_path / "work")
@@ -49,3 +53,16 @@ def test_vg_densecap_toy_trains_detects_and_scores(tmp_path):
   assert 0.0 <= got["detection_map"] <= 1.0
   if java:
     assert 0.0 <= got["map"] <= got["detection_map"] + 1e-9
+
+  # (b) Location-conditioned captioning: one prediction per real region (padding regions
+  # skipped), each with its own reference, scored by the metric functions.
+  got = result["vg_loca_val"]
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "eval",
+                                                   "vg_loca_val.predictions.jsonl"))]
+  keys = [r["key"] for r in rows]
+  assert len(set(keys)) == len(keys) == got["num_predictions"] > got["num_images"] > 0
+  assert all("/r" in k and len(r["references"]) == 1 for k, r in zip(keys, rows))
+  predictions = {r["key"]: r["prediction"] for r in rows}
+  references = {r["key"]: r["references"] for r in rows}
+  assert got["cider"] == metrics.cider_d(predictions, references)
+  assert got["bleu_4"] == metrics.bleu(predictions, references)[3]
