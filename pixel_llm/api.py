@@ -1,5 +1,5 @@
 """The Python API for a person at a notebook: load a trained PixelLLM, caption with a location per
-word, caption a region (box or point prompt), locate an expression.
+word, caption a region (box or point prompt), locate (and segment) an expression, dense captioning.
 
   model = pixel_llm.load("workdirs/ln_toy")            # a trainer workdir (latest checkpoint)
   model.caption("cat.jpg")                            # {"text", "words": [{"word", "box"}], "score"}
@@ -7,6 +7,9 @@ word, caption a region (box or point prompt), locate an expression.
   model.caption(image, box=(10, 20, 200, 180))        # location-conditioned (pixels of `image`)
   model.caption(image, point=(120, 64))
   model.locate(image, "the red ball")                 # [x0, y0, x1, y1] in pixels
+  model.locate(image, "the red ball", mask=True)      # {"box", "mask": bool[H, W]} (refcoco_seg)
+  model.describe(image, (10, 20, 200, 180))           # the region's caption (caption with box=)
+  model.dense_caption(image, max_boxes=20)            # [{"box", "score", "text"}] (vg_densecap)
 
 Images are file paths, PIL images, uint8[H, W(, C)] or float[H, W(, C)] arrays in [0, 1]. They go
 through the training pipeline's preprocessing (`data/preprocess.resize_and_pad`, here in PIL:
@@ -269,7 +272,8 @@ def _forward(network, params, batch):
 
 
 class PixelLLM:
-  """A loaded model: `caption` and `locate` (see the module docstring). Build it with `load`."""
+  """A loaded model: `caption`, `locate`, `describe`, `dense_caption` (see the module docstring;
+  the task methods live in `api_tasks.py`). Build it with `load`."""
 
   def __init__(self, network, params, vocab, config, *, batch_size: int = 8):
     self.network, self.params, self.vocab, self.config = network, params, vocab, config
@@ -376,23 +380,69 @@ class PixelLLM:
         })
     return results
 
-  def locate(self, image, query: str, *, prompt: str | None = None) -> list[float]:
+  def locate(self, image, query: str, *, mask: bool = False, prompt: str | None = None):
     """The box of the object `query` refers to, in pixels of the original image: [x0, y0, x1, y1]
-    (K = 2; [x, y] for a one-point location head).
+    (K = 2; [x, y] for a one-point location head); with `mask` also its segmentation.
 
     The query is the teacher-forced decoder input (BOS + its tokens, no EOS) and the location is
     read at the input position of its last token, where EOS is predicted: the release's
-    referring-localisation convention (models/pixel_llm.py). A segmentation mask will come with
-    the segmentation issue (SAM's mask decoder prompted with this box).
+    referring-localisation convention (models/pixel_llm.py). The prompt text is `prompt`, else the
+    training prompt of the checkpoint's task (for RefCOCO "loc": [prefix] + the query, as
+    `data/tasks_refcoco.py`; otherwise the captioning prompt).
 
+    Args:
+      mask: also segment it (SAM's mask decoder prompted with this box; a network with a mask
+        decoder in "eos" mode, `configs/refcoco_seg.py`). Then the result is {"box": [x0, y0, x1,
+        y1], "mask": bool[H, W]} in pixels of the original image.
     Raises ValueError for an empty query, one longer than the decoder (max_target_len - 1
-    tokens), or an unreadable image (named).
+    tokens), an unreadable image (named), or `mask` on a network without that mask decoder.
     """
+    from pixel_llm import api_tasks
     if isinstance(image, (list, tuple)):
       raise InputError("locate takes one image.")
+    if mask:  # before reading anything: the checkpoint cannot do it at all
+      api_tasks.check_segmentation(self.network)
     ids = self._query_ids(query)
+    prompt = api_tasks.locate_prompt(self.config, query, prompt)
     (im,), _ = self._images([image])
+    if mask:
+      return api_tasks.locate_with_mask(self, im, ids, prompt)
     return self._locate_image(im, ids, prompt)
+
+  def describe(self, image, box, *, method: str = "greedy", beam_size: int = 4,
+               max_len: int | None = None, prompt: str | None = None) -> dict[str, Any]:
+    """Location-conditioned captioning: what is in `box` (x0, y0, x1, y1 in pixels of the original
+    image). `caption(image, box=box)` with the region tasks' prompt ("Describe the region.") for
+    a model trained on regions (configs/loc_caption.py, vg_densecap.py, refcoco*.py).
+
+    Returns {"text": str, "words": [{"word", "box"}], "score": float}, locations in pixels.
+    """
+    from pixel_llm import api_tasks
+    if isinstance(image, (list, tuple)):
+      raise InputError("describe takes one image.")
+    if box is None:
+      raise InputError("describe needs a box (x0, y0, x1, y1) in pixels; for the whole image "
+                       "use caption().")
+    return self.caption(image, box=box, method=method, beam_size=beam_size, max_len=max_len,
+                        prompt=api_tasks.region_prompt(self.config, prompt))
+
+  def dense_caption(self, image, *, max_boxes: int = 20, min_score: float = 0.0,
+                    iou_threshold: float = 0.9, max_len: int | None = None,
+                    prompt: str | None = None) -> list[dict[str, Any]]:
+    """Dense object captioning: the proposal head's top `max_boxes` boxes after NMS
+    (`iou_threshold`, the release's 0.9) with score >= `min_score`, each captioned greedily through
+    the box prompt (a network with a proposal head: `configs/vg_densecap.py`).
+
+    Returns [{"box": [x0, y0, x1, y1] pixels of the original image, "score": float (the proposal
+    heatmap's sigmoid), "text": str}], sorted by score, best first; at most `max_boxes`.
+    """
+    from pixel_llm import api_tasks
+    if isinstance(image, (list, tuple)):
+      raise InputError("dense_caption takes one image.")
+    api_tasks.check_dense(self.network)
+    (im,), _ = self._images([image])
+    return api_tasks.dense_caption(self, im, max_boxes=max_boxes, min_score=min_score,
+                                   iou_threshold=iou_threshold, max_len=max_len, prompt=prompt)
 
   def _query_ids(self, query: str) -> list[int]:
     """The query's token ids, checked: not empty, and fits the decoder."""

@@ -1,4 +1,6 @@
-"""Pictures of a caption with a location per word: each word and its box/point share a colour.
+"""Pictures of a caption with a location per word: each word and its box/point share a colour; and
+of the downstream tasks' results (dense captions: numbered boxes with their captions; a referring
+segmentation: the mask overlaid with its box).
 
 Shapes: H/W image height/width, N words, K points per word (K = 2: two box corners, K = 1: a point),
 T decoded tokens. Locations are (x, y) in [0, 1] of the image given to `render_caption` (for model
@@ -216,3 +218,110 @@ def save_caption_png(path: str, image: np.ndarray, words: Sequence[str], points=
     os.makedirs(parent, exist_ok=True)
   rendered.save(path, format="PNG")
   return rendered
+
+
+# -- downstream tasks (pixels of the original image, as `pixel_llm.load(...)` returns them) --------
+def _upscaled(image: np.ndarray, scale: int | None) -> tuple[Image.Image, float]:
+  """The image as RGB, upscaled (nearest) to about 512 px on its longer side unless `scale`."""
+  pixels = _to_uint8(image)
+  h, w = pixels.shape[:2]
+  s = scale or max(1, 512 // max(h, w))
+  return Image.fromarray(pixels).resize((w * s, h * s), Image.NEAREST), float(s)
+
+
+def _with_text(picture: Image.Image, title: str | None, lines: Sequence[tuple[str, tuple]]
+               ) -> Image.Image:
+  """`picture` with an optional title above and coloured, wrapped lines of text below it."""
+  w, h = picture.size
+  font_size = int(np.clip(w // 28, 12, 28))
+  font = _font(font_size)
+  margin = max(4, font_size // 2)
+  ascent, descent = font.getmetrics()
+  line_h = ascent + descent + max(2, font_size // 4)
+  wrapped = []  # (text, colour): long lines are wrapped at word boundaries
+  for text, colour in lines:
+    for line in _wrap(text.split(" "), font, w - 2 * margin):
+      wrapped.append((" ".join(word for _, word, _ in line), colour))
+  title_h = line_h + margin if title else 0
+  canvas = Image.new("RGB", (w, title_h + h + len(wrapped) * line_h + 2 * margin), _BACKGROUND)
+  canvas.paste(picture, (0, title_h))
+  draw = ImageDraw.Draw(canvas)
+  if title:
+    draw.text((margin, margin // 2), title, fill=_TEXT, font=font)
+  for i, (text, colour) in enumerate(wrapped):
+    draw.text((margin, title_h + h + margin + i * line_h), text, fill=colour, font=font)
+  return canvas
+
+
+def _save(picture: Image.Image, path: str) -> Image.Image:
+  parent = os.path.dirname(path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  picture.save(path, format="PNG")
+  return picture
+
+
+def render_dense_caption(image: np.ndarray, results: Sequence[dict], *, scale: int | None = None,
+                         title: str | None = None) -> Image.Image:
+  """Dense captions: each box numbered in its colour on the image, and "n. text (score)" below.
+
+  image: uint8[H, W, 3] or float in [0, 1]; results: N dicts {"box": [x0, y0, x1, y1] in pixels of
+  `image`, "text", "score"} (`PixelLLM.dense_caption`). Returns RGB of width W * scale.
+  """
+  picture, s = _upscaled(image, scale)
+  draw = ImageDraw.Draw(picture)
+  font = _font(int(np.clip(picture.size[0] // 32, 10, 24)))
+  line_w = max(2, int(s) // 2)
+  for i, r in enumerate(results):
+    x0, y0, x1, y1 = (float(v) * s for v in r["box"])
+    colour = word_colour(i)
+    draw.rectangle([x0, y0, x1, y1], outline=colour, width=line_w)
+    # The number sits on a filled tab inside the box's top-left corner, readable on any image.
+    label = str(i + 1)
+    lx, ly = x0 + line_w, y0 + line_w
+    draw.rectangle([lx, ly, lx + font.getlength(label) + 4, ly + sum(font.getmetrics()) + 2],
+                   fill=colour)
+    draw.text((lx + 2, ly + 1), label, fill=_BACKGROUND, font=font)
+  lines = [(f"{i + 1}. {r['text'] or '(empty)'} ({float(r['score']):.2f})", word_colour(i))
+           for i, r in enumerate(results)] or [("(no boxes)", _NO_LOCATION)]
+  return _with_text(picture, title, lines)
+
+
+def save_dense_caption_png(path: str, image: np.ndarray, results: Sequence[dict],
+                           **kwargs) -> Image.Image:
+  """`render_dense_caption(image, results, **kwargs)` written to `path` as PNG; returns it."""
+  return _save(render_dense_caption(image, results, **kwargs), path)
+
+
+def render_mask(image: np.ndarray, box: Sequence[float] | None, mask: np.ndarray, *,
+                title: str | None = None, scale: int | None = None,
+                colour: tuple[int, int, int] = PALETTE[0], alpha: float = 0.5) -> Image.Image:
+  """A segmentation: the mask blended over the image in `colour` with its outline drawn solid, and
+  the box (pixels of `image`, or None) as a rectangle in a second colour.
+
+  image: uint8[H, W, 3] or float in [0, 1]; mask: bool[H, W]. Returns RGB of width W * scale.
+  """
+  pixels = _to_uint8(image)
+  mask = np.asarray(mask, bool)
+  if mask.shape != pixels.shape[:2]:
+    raise ValueError(f"mask {mask.shape} does not match image {pixels.shape[:2]}.")
+  blend = pixels.astype(np.float32)
+  blend[mask] = (1 - alpha) * blend[mask] + alpha * np.asarray(colour, np.float32)
+  # Outline: mask pixels with a 4-neighbour outside it, so the extent reads even at small alpha.
+  padded = np.pad(mask, 1)
+  edge = mask & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+  blend[edge] = colour
+  picture, s = _upscaled(blend.astype(np.uint8), scale)
+  if box is not None:
+    x0, y0, x1, y1 = (float(v) * s for v in box)
+    ImageDraw.Draw(picture).rectangle([x0, y0, x1, y1], outline=PALETTE[1],
+                                      width=max(2, int(s) // 2))
+  area = f"mask {int(mask.sum())} px ({100.0 * mask.mean():.1f}% of the image)"
+  return _with_text(picture, title, [(area, colour)] + ([("box", PALETTE[1])] if box is not None
+                                                         else []))
+
+
+def save_mask_png(path: str, image: np.ndarray, box: Sequence[float] | None, mask: np.ndarray,
+                  title: str | None = None, **kwargs) -> Image.Image:
+  """`render_mask(image, box, mask, title=title, **kwargs)` written to `path` as PNG."""
+  return _save(render_mask(image, box, mask, title=title, **kwargs), path)
