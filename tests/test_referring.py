@@ -91,9 +91,11 @@ def test_eos_box_prompts_sam_and_a_closed_gate_is_plain_sam():
   batch = {"image": rng.random((2, 64, 64, 3), np.float32), "decoder_input_tokens": tokens,
            "prompt_text": np.array([[[5, 6, 7, 0]], [[9, 0, 0, 0]]], np.int32),
            "prompt_boxes": np.tile(np.float32([0, 0, 1, 1]), (2, 1, 1))}
-  params = model.init_variables(jax.random.key(0), batch)["params"]
-  out, aux = network.apply({"params": params}, batch["image"], tokens,
-                           prompt_text=batch["prompt_text"], prompt_boxes=batch["prompt_boxes"])
+  # Jitted: op-by-op execution of the whole network is minutes on a loaded 2-core CPU.
+  params = jax.jit(model.init_variables)(jax.random.key(0), batch)["params"]
+  out, aux = jax.jit(lambda p, b: network.apply(
+      {"params": p}, b["image"], b["decoder_input_tokens"], prompt_text=b["prompt_text"],
+      prompt_boxes=b["prompt_boxes"]))(params, batch)
   points = np.asarray(out["points"])
   for i, n in enumerate((3, 1)):  # the input position of the expression's last token
     corners = points[i, 0, n]
@@ -110,7 +112,8 @@ def test_eos_box_prompts_sam_and_a_closed_gate_is_plain_sam():
     _, sam = m.encode_image(batch["image"], return_sam=True)
     return m.predict_masks(sam, aux["mask_boxes"], (np.zeros_like(visual),
                                                     np.zeros_like(hidden), np.ones((2, 6), bool)))
-  masks, iou = network.apply({"params": params}, method=sam_with_blank_adapter_inputs)
+  masks, iou = jax.jit(lambda p: network.apply({"params": p},
+                                                method=sam_with_blank_adapter_inputs))(params)
   np.testing.assert_array_equal(np.asarray(masks), np.asarray(aux["masks"]))
   np.testing.assert_array_equal(np.asarray(iou), np.asarray(aux["iou_predictions"]))
 
@@ -123,7 +126,7 @@ def test_eos_box_prompts_sam_and_a_closed_gate_is_plain_sam():
           "mask_weights": np.ones((2, 1), np.float32)}
   seg_model = PixelLLMModel(network, dataclasses.replace(PixelLLMModel(network).loss_config,
                                                          mask_weight=1.0, caption_weight=0.0))
-  grads = jax.grad(lambda p: seg_model.loss_fn(p, full, None, train=False)[0])(
+  grads = jax.jit(jax.grad(lambda p: seg_model.loss_fn(p, full, None, train=False)[0]))(
       jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
                    is_leaf=lambda x: hasattr(x, "unbox")))
   assert abs(float(grads["mask_adapter"]["gate"])) > 0
