@@ -103,3 +103,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = kind(value)
   return out
+
+
+def split_dataset_arg(arg: str | None, known, default: str) -> tuple[str, str]:
+  """("dataset" of a `dataset=NAME,...` config argument (checked against `known`), the other
+  items joined back for `parse_arg`)."""
+  own, rest = [], []
+  for item in filter(None, (arg or "").split(",")):
+    (own if item.startswith("dataset=") else rest).append(item)
+  dataset = own[-1].partition("=")[2] if own else default
+  if dataset not in known:
+    raise ValueError(f"Unknown dataset {dataset!r}; known: {sorted(known)}")
+  return dataset, ",".join(rest)

@@ -26,19 +26,15 @@ Variants: dataset=<vg|refcocog>, and as configs/ln.py: toy, t5=..., sam=..., eva
 """
 import ml_collections
 
+from configs import common
 from configs import ln
 
 EVAL_SPLITS = {"vg": ("test",), "refcocog": ("val",)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  own, rest = [], []
-  for item in filter(None, (arg or "").split(",")):
-    (own if item.startswith("dataset=") else rest).append(item)
-  dataset = own[-1].partition("=")[2] if own else "vg"
-  if dataset not in EVAL_SPLITS:
-    raise ValueError(f"Unknown dataset {dataset!r}; known: {sorted(EVAL_SPLITS)}")
-  c = ln.get_config(",".join(rest))
+  dataset, rest = common.split_dataset_arg(arg, EVAL_SPLITS, "vg")
+  c = ln.get_config(rest)
   toy = c.name.endswith(":toy")
   c.name = f"loc_caption_{dataset}" + (":toy" if toy else "")
   # The synthetic world builds train and val only.

@@ -26,6 +26,7 @@ val, test), and as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
 """
 import ml_collections
 
+from configs import common
 from configs import ln
 
 
@@ -38,13 +39,8 @@ PAPER_P_AT_05 = {"refcoco": (90.3, 92.3, 86.8), "refcoco+": (83.7, 87.2, 78.5),
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  own, rest = [], []
-  for item in filter(None, (arg or "").split(",")):
-    (own if item.startswith("dataset=") else rest).append(item)
-  dataset = own[-1].partition("=")[2] if own else "refcoco"
-  if dataset not in EVAL_SPLITS:
-    raise ValueError(f"Unknown dataset {dataset!r}; known: {sorted(EVAL_SPLITS)}")
-  c = ln.get_config(",".join(rest))
+  dataset, rest = common.split_dataset_arg(arg, EVAL_SPLITS, "refcoco")
+  c = ln.get_config(rest)
   toy = c.name.endswith(":toy")
   c.name = dataset + (":toy" if toy else "")
   # The synthetic world has train and val refs only (its val images are split val/testA/testB
