@@ -68,7 +68,7 @@ class MeteorScorer:
     if java_path is None:
       raise MeteorUnavailableError(
           f"METEOR needs a Java runtime but `{java}` is not on PATH: install one (e.g. "
-          "`apt-get install default-jre-headless`) or pass java=/path/to/java")
+          "`apt-get install default-jre-headless`) or pass java=<the java binary>")
     jar_path = jar_path or find_meteor_jar()
     if not os.path.isfile(jar_path):
       raise MeteorUnavailableError(f"METEOR jar {jar_path!r} does not exist")
