@@ -1,12 +1,26 @@
-r"""Times one PixelLLM training step (forward + backward of the trainable parameters + AdamW).
+r"""Times the trainer's own training step (pixel_llm.trainer.build_training) on one device.
 
-  python benchmarks/train_step.py --config=configs/ln.py --batch=16 --dtype=bfloat16 --out=/tmp/ts.json
-  python benchmarks/train_step.py --config=configs/ln.py:toy --batch=16   # CPU-sized
+  python benchmarks/train_step.py --config=configs/ln.py --batch=64,32 --dtype=bfloat16 \
+      --attention=cudnn --out=/tmp/ts.json                      # a GPU: the paper's setting
+  python benchmarks/train_step.py --config=configs/ln.py:toy --batch=16 --dtype=float32   # CPU
 
-Prints the step time, examples/s, FLOPs per example from XLA's cost analysis of the compiled step,
-and MFU against --peak_tflops (default: 989, the H100/H200 dense bf16 datasheet figure). Frozen
-parameters (config.frozen_params) are inputs of the step but get no gradient and no optimizer state.
-Writes the figures, hardware and versions as JSON when --out is given.
+The step is the one `pixel_llm.train` runs: sharded jit with donated state, gradients of the
+trainable parameters only (frozen towers are plain inputs, kept in --frozen_dtype), AdamW with the
+config's schedule and clipping, the non-finite skip guard. Inputs are random (images, tokens,
+points; never zeros), the weights a random init (speed does not depend on their values).
+
+--batch takes a list: each size is tried in order and a size that does not fit (out of memory at
+compile or run time) is reported and skipped, so `--batch=96,64,32` finds the largest that fits.
+Per batch it reports: compile seconds, median step seconds over --steps timed steps after one
+warm-up, examples/s, FLOPs per example two ways (analytic, from the model's shapes:
+`pixel_llm.tools.flops`; and XLA's cost analysis of the compiled step, which also counts
+rematerialised and elementwise work), MFU = analytic FLOPs/s over the device's peak (--peak_tflops,
+default the datasheet's dense bf16 rate from pixel_llm.trainer.PEAK_FLOPS), and the device's peak
+memory in use. Writes all of it with hardware, versions and the command as JSON (--out).
+
+--remat=<policy> turns on rematerialisation of every tower with that jax.checkpoint_policies
+name; --scan scans over layers (faster compiles); --attention picks layers.ATTENTION_IMPLS.
+Shape letters: B batch.
 """
 import argparse
 import importlib.util
@@ -17,16 +31,18 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pixel_llm import optim  # pylint: disable=g-import-not-at-top
-from pixel_llm.models import build  # pylint: disable=g-import-not-at-top
+from pixel_llm import partitioning  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pixel_llm import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pixel_llm.models import build  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TOWERS = ("sam", "eva02", "t5")
 
 
-def _load_config(spec: str):
+def load_config(spec: str):
+  """`path.py[:arg]` -> the config its get_config(arg) returns."""
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(module_spec)
@@ -34,84 +50,144 @@ def _load_config(spec: str):
   return module.get_config(arg or None)
 
 
+def apply_options(config, args):
+  """The benchmark's knobs written into the config (what `--config.x=y` would do)."""
+  with config.unlocked():
+    config.model.dtype = args.dtype
+    config.model.attention_impl = args.attention
+    config.frozen_dtype = args.frozen_dtype
+    config.mesh = dict(data=1, fsdp=1, tensor=1)
+    for tower in TOWERS:
+      if config.model.get(tower) is None:
+        continue
+      config.model[tower].scan_layers = bool(args.scan)
+      config.model[tower].remat = bool(args.remat)
+      if args.remat:
+        config.model[tower].remat_policy = args.remat
+  return config
+
+
+def random_batch(config, batch_size: int, seed: int = 0) -> dict:
+  """A batch of the config's shapes with random content (whole-image prompts kept)."""
+  rng = np.random.default_rng(seed)
+  batch = {k: np.asarray(v) for k, v in build.example_batch(config, batch_size, False).items()}
+  vocab = config.model.t5.vocab_size
+  batch["image"] = rng.random(batch["image"].shape, np.float32)
+  for key in ("prompt_text", "decoder_input_tokens", "decoder_target_tokens"):
+    batch[key] = rng.integers(2, vocab, batch[key].shape, dtype=np.int32)
+  batch["point_targets"] = rng.random(batch["point_targets"].shape, np.float32)
+  batch["point_weights"] = np.ones_like(batch["point_weights"])
+  return batch
+
+
+def analytic_flops(config) -> float | None:
+  """Training FLOPs per example from the model's shapes (None if the counter is unavailable)."""
+  try:
+    from pixel_llm.tools import flops  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return float(flops.train_flops(config)["train"])
+
+
+def peak_memory_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def time_batch(training, config, batch_size: int, steps: int) -> dict:
+  """Compiles and times the step at one batch size; raises on out-of-memory."""
+  state = training.init(jax.random.key(1))  # per size: the step donates (deletes) its state
+  batch = {k: jax.device_put(v) for k, v in random_batch(config, batch_size).items()}
+  t0 = time.time()
+  compiled = training.compile_step(state, batch)
+  compile_s = time.time() - t0
+  xla_flops = trainer.step_flops(compiled, 1)
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t0 = time.time()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.time() - t0)
+  step_s = float(np.median(times))
+  loss = float(metrics["loss"])
+  del state
+  return {"batch": batch_size, "compile_seconds": compile_s, "step_seconds_median": step_s,
+          "step_seconds_all": times, "examples_per_second": batch_size / step_s,
+          "xla_flops_per_example": xla_flops / batch_size if xla_flops else None,
+          "peak_memory_bytes": peak_memory_bytes(), "loss": loss,
+          "skipped_steps": int(metrics["skipped_steps"])}
+
+
+def _is_oom(e: Exception) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
 def main():
-  p = argparse.ArgumentParser()
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/ln.py")
-  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--batch", default="16", help="comma-separated sizes, tried in order")
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--frozen_dtype", default="bfloat16")
+  p.add_argument("--attention", default="xla", help="xla | dot_product | cudnn")
+  p.add_argument("--remat", default="", help="a jax.checkpoint_policies name; empty = no remat")
+  p.add_argument("--scan", action="store_true", help="scan over layers in every tower")
   p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--peak_tflops", type=float, default=989.0)
+  p.add_argument("--stop_after_first_fit", action="store_true",
+                 help="stop at the first batch size that fits (a largest-first sweep)")
+  p.add_argument("--peak_tflops", type=float, default=0.0, help="0: trainer.PEAK_FLOPS")
   p.add_argument("--out", default="")
   args = p.parse_args()
 
-  config = _load_config(args.config)
-  config.model.dtype = args.dtype
-  model = build.build_model(config)
-  batch = build.example_batch(config, args.batch, abstract=False)
-  batch["decoder_target_tokens"] = jnp.ones_like(batch["decoder_target_tokens"])
-  batch["point_weights"] = jnp.ones_like(batch["point_weights"])
-
-  print(f"building {args.config} batch {args.batch} {args.dtype} on {jax.devices()[0]}", flush=True)
+  config = apply_options(load_config(args.config), args)
+  device = jax.devices()[0]
+  peak = args.peak_tflops * 1e12 or trainer.peak_flops(config)
+  model_flops = analytic_flops(config)
+  print(f"{args.config} {args.dtype} attention={args.attention} remat={args.remat or 'off'} "
+        f"scan={args.scan} on {device.device_kind}; analytic "
+        f"{(model_flops or 0) / 1e12:.3f} TFLOPs per example", flush=True)
   t0 = time.time()
-  import flax.linen as nn
-  params = jax.jit(lambda r: nn.meta.unbox(model.init_variables(r, batch)["params"]))(
-      jax.random.key(0))
-  jax.block_until_ready(params)
-  init_s = time.time() - t0
-  print(f"init {init_s:.1f} s", flush=True)
-  labels = optim.frozen_labels(params, config.frozen_params)
-  trainable = jax.tree.map(lambda x, l: x if l == "train" else None, params, labels)
-  frozen = jax.tree.map(lambda x, l: x if l == "frozen" else None, params, labels)
-  tx = optax.adamw(1e-5)
-  opt_state = tx.init(trainable)
+  training = trainer.build_training(config, partitioning.mesh_from_config(config),
+                                    jax.random.key(0))
+  print(f"built in {time.time() - t0:.1f} s", flush=True)
 
-  def merge(t, f):
-    return jax.tree.map(lambda a, b: a if a is not None else b, t, f,
-                        is_leaf=lambda x: x is None)
+  record = {"config": args.config, "dtype": args.dtype, "frozen_dtype": args.frozen_dtype,
+            "attention": args.attention, "remat": args.remat, "scan": args.scan,
+            "device": device.device_kind, "platform": jax.default_backend(),
+            "jax": jax.__version__, "python": platform.python_version(),
+            "peak_flops": peak, "results": [], "command": " ".join(sys.argv)}
+  for size in [int(b) for b in args.batch.split(",")]:
+    try:
+      r = time_batch(training, config, size, args.steps)
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_oom(e):
+        raise
+      print(f"batch {size}: out of memory ({str(e).splitlines()[0][:160]})", flush=True)
+      record["results"].append({"batch": size, "error": "out of memory"})
+      _write(args.out, record)
+      continue
+    if model_flops:
+      r["analytic_flops_per_example"] = model_flops
+      r["achieved_tflops"] = model_flops * r["examples_per_second"] / 1e12
+      r["mfu"] = model_flops * r["examples_per_second"] / peak if peak else None
+    record["results"].append(r)
+    _write(args.out, record)  # after each size: a run stopped by a time limit keeps what it measured
+    mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+    mem = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "n/a"
+    print(f"batch {size}: compile {r['compile_seconds']:.1f} s, step "
+          f"{r['step_seconds_median'] * 1e3:.1f} ms, {r['examples_per_second']:.1f} examples/s, "
+          f"MFU {mfu}, peak memory {mem}, loss {r['loss']:.3f}", flush=True)
+    if args.stop_after_first_fit:
+      break
 
-  def step(trainable, frozen, opt_state, batch):
-    loss, grads = jax.value_and_grad(
-        lambda t: model.loss_fn(merge(t, frozen), batch, jax.random.key(1), train=True)[0])(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
 
-  t0 = time.time()
-  compiled = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, frozen, opt_state, batch).compile()
-  compile_s = time.time() - t0
-  print(f"compile {compile_s:.1f} s", flush=True)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))
-  mem = compiled.memory_analysis()
-
-  trainable, opt_state, loss = compiled(trainable, frozen, opt_state, batch)  # warm-up
-  jax.block_until_ready(loss)
-  times = []
-  for _ in range(args.steps):
-    t0 = time.time()
-    trainable, opt_state, loss = compiled(trainable, frozen, opt_state, batch)
-    jax.block_until_ready(loss)
-    times.append(time.time() - t0)
-  step_s = float(np.median(times))
-  result = {
-      "config": args.config, "batch": args.batch, "dtype": args.dtype,
-      "device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
-      "jax": jax.__version__, "python": platform.python_version(),
-      "init_seconds": init_s, "compile_seconds": compile_s, "step_seconds_median": step_s,
-      "step_seconds_all": times, "examples_per_second": args.batch / step_s,
-      "xla_flops_per_step": flops, "xla_flops_per_example": flops / args.batch,
-      "achieved_tflops": flops / step_s / 1e12,
-      "mfu_vs_peak": flops / step_s / (args.peak_tflops * 1e12), "peak_tflops": args.peak_tflops,
-      "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-      "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
-      "loss": float(loss),
-      "command": " ".join(sys.argv),
-  }
-  print(json.dumps(result, indent=2))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+def _write(path: str, record: dict) -> None:
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":

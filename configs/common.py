@@ -57,6 +57,9 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
   c = ml_collections.ConfigDict()
   c.image_size = image_size
   c.dtype = "float32"  # compute dtype; parameters stay float32
+  # Attention kernel: "xla" (explicit einsums), "dot_product" (jax.nn.dot_product_attention) or
+  # "cudnn" (its fused flash kernel: GPU, bf16; see benchmarks/RESULTS.md for measured speed).
+  c.attention_impl = "xla"
   c.sam = dict(SAM[sam], patch_size=16, window_size=SAM[sam].get("window_size", 14),
                pretrain_img_size=1024, drop_path_rate=0.0, remat=False,
                remat_policy="nothing_saveable", scan_layers=False)

@@ -59,6 +59,7 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
       t5=t5_lib.T5(t5_config),
       location_head=location_head_lib.LocationHead(**_fields(model.location_head)),
       image_size=model.image_size,
+      attention_impl=model.get("attention_impl", "xla"),
       mask_decoder=(mask_decoder_lib.MaskDecoder(**_fields(mask_decoder), dtype=dtype)
                     if enabled else None),
       mask_adapter=(mask_adapter_lib.MaskAdapter(

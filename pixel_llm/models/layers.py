@@ -22,8 +22,10 @@ Shape legend used across the package: B batch, R prompts per image, T target tex
 C context (prompt-text) length, P image patches, Q prompt (visual) tokens, K points per token,
 H/W grid height/width, D width, N heads.
 """
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -148,6 +150,36 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
+# How `attention` computes softmax(q k^T * scale + bias) v (`attention_implementation`):
+#   xla          explicit einsums, float32 logits (the default; what every parity test checks)
+#   dot_product  jax.nn.dot_product_attention(implementation="xla"): the same maths through JAX's op
+#   cudnn        jax.nn.dot_product_attention(implementation="cudnn"): cuDNN's fused flash attention
+#                (GPU only; bf16/fp16 inputs, head width <= 128 and a multiple of 8)
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+_ATTENTION_IMPL = contextvars.ContextVar("pixel_llm_attention_impl", default="xla")
+
+
+@contextlib.contextmanager
+def attention_implementation(impl: str) -> Iterator[None]:
+  """Selects the attention implementation for everything traced inside the block.
+
+  The choice is read at trace time, so wrap the call that traces (the adapter's `loss_fn`, a
+  benchmark's jit), not the execution of an already compiled function.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention implementation {impl!r} is not one of {ATTENTION_IMPLS}")
+  token = _ATTENTION_IMPL.set(impl)
+  try:
+    yield
+  finally:
+    _ATTENTION_IMPL.reset(token)
+
+
+def current_attention_implementation() -> str:
+  """The implementation `attention` uses when traced here (for modules with their own kernels)."""
+  return _ATTENTION_IMPL.get()
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None,
               mask: jax.Array | None = None, scale: float | None = None) -> jax.Array:
   """Softmax attention in float32 logits.
@@ -158,6 +190,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
   """
   if scale is None:
     scale = q.shape[-1] ** -0.5
+  impl = _ATTENTION_IMPL.get()
+  if impl != "xla":
+    return _fused_attention(q, k, v, bias, mask, scale, impl)
   logits = jnp.einsum("...qnd,...knd->...nqk", q, k).astype(jnp.float32) * scale
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
@@ -165,6 +200,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("...nqk,...knd->...qnd", weights, v)
+
+
+def _fused_attention(q, k, v, bias, mask, scale, impl):
+  """`attention` through jax.nn.dot_product_attention: leading dims folded into one batch axis."""
+  lead = q.shape[:-3]
+  tq, n, dh = q.shape[-3:]
+  tk = k.shape[-3]
+
+  def fold(x):  # [..., T, N, Dh] -> [B', T, N, Dh]
+    return x.reshape((-1,) + x.shape[-3:])
+
+  def fold_logit_shaped(x):  # broadcastable to [..., N, Tq, Tk] -> [B' or 1, N or 1, Tq, Tk]
+    x = x.reshape((1,) * (len(lead) + 3 - x.ndim) + x.shape)
+    heads = x.shape[-3]
+    if all(d == 1 for d in x.shape[:-3]):  # shared across the batch: do not materialise it
+      return jnp.broadcast_to(x, x.shape[:-2] + (tq, tk)).reshape((1, heads, tq, tk))
+    return jnp.broadcast_to(x, lead + (heads, tq, tk)).reshape((-1, heads, tq, tk))
+
+  if bias is not None:
+    # cuDNN wants the bias in the inputs' dtype; XLA's path upcasts it to float32 itself.
+    bias = fold_logit_shaped(bias.astype(q.dtype if impl == "cudnn" else jnp.float32))
+  if mask is not None:
+    mask = fold_logit_shaped(mask)
+  out = jax.nn.dot_product_attention(
+      fold(q), fold(k), fold(v), bias=bias, mask=mask, scale=scale,
+      implementation="xla" if impl == "dot_product" else "cudnn")
+  return out.reshape(lead + (tq, n, dh))
 
 
 def drop_path(x: jax.Array, rate: jax.Array | float, deterministic: bool,

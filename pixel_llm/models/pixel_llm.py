@@ -19,6 +19,7 @@ the location at position t belongs to `decoder_input_tokens[t]` (the release's c
 lets the box of a referring expression be read where the expression's last word is the input,
 i.e. where EOS is predicted).
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -55,6 +56,16 @@ def _normalise(image: jax.Array, mean, std, image_mask: jax.Array | None) -> jax
   return x
 
 
+def _attention_scoped(method):
+  """Traces `method` under the network's `attention_impl` (layers.attention_implementation)."""
+
+  @functools.wraps(method)
+  def wrapped(self, *args, **kwargs):
+    with layers.attention_implementation(self.attention_impl):
+      return method(self, *args, **kwargs)
+  return wrapped
+
+
 class PixelLLM(nn.Module):
   """The PixelLLM network. Sub-networks are passed in already configured (see `models/build.py`)."""
 
@@ -75,7 +86,10 @@ class PixelLLM(nn.Module):
   # Dense object captioning: class-agnostic proposals on the fused feature map
   # (models/proposal_head.py); the grid is treated as stride 16 (PROPOSAL_STRIDE), as the release.
   proposal_head: nn.Module | None = None
+  # Attention kernel of every tower: "xla" | "dot_product" | "cudnn" (see layers.ATTENTION_IMPLS).
+  attention_impl: str = "xla"
 
+  @_attention_scoped
   def encode_image(self, image: jax.Array, image_mask: jax.Array | None = None, *,
                    train: bool = False, return_sam: bool = False):
     """image: float32[B, S, S, 3] in [0, 1] (padded square) -> features float32[B, h, w, C]
@@ -101,6 +115,7 @@ class PixelLLM(nn.Module):
     feats = layers.constrain(feats, ("batch", None, None, "act_embed"))
     return (feats, sam if self.sam_image_encoder is not None else None) if return_sam else feats
 
+  @_attention_scoped
   def predict_masks(self, sam_embedding: jax.Array, boxes: jax.Array,
                     adapter_inputs: tuple[jax.Array, jax.Array, jax.Array] | None = None
                     ) -> tuple[jax.Array, jax.Array]:
@@ -125,6 +140,7 @@ class PixelLLM(nn.Module):
                                    multimask_output=False)
     return masks.reshape(b, r, *masks.shape[2:]), iou.reshape(b, r)
 
+  @_attention_scoped
   def detect(self, image: jax.Array, image_mask: jax.Array | None = None, *,
              num_boxes: int = 100, iou_threshold: float = 0.9
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -143,6 +159,7 @@ class PixelLLM(nn.Module):
     scale = jnp.asarray([size[1], size[0], size[1], size[0]], jnp.float32)
     return boxes / scale, scores, valid
 
+  @_attention_scoped
   def encode_prompts(self, features: jax.Array, *, boxes: jax.Array | None = None,
                      points: jax.Array | None = None, point_labels: jax.Array | None = None,
                      num_prompts: int | None = None, train: bool = False) -> jax.Array:
@@ -176,6 +193,7 @@ class PixelLLM(nn.Module):
     tokens = self.visual_projection(tokens)
     return tokens.reshape(b, r, *tokens.shape[1:])
 
+  @_attention_scoped
   def encode_prefix(self, visual_tokens: jax.Array, prompt_text: jax.Array | None, *,
                     train: bool = False) -> tuple[jax.Array, jax.Array]:
     """T5 encoder over [visual tokens ; prompt text] (PrefixLM).
@@ -194,6 +212,7 @@ class PixelLLM(nn.Module):
       mask = jnp.concatenate([mask, text > 0], axis=1)
     return self.t5.encode(embeds, mask, train=train), mask
 
+  @_attention_scoped
   def decode(self, encoded: jax.Array, encoder_mask: jax.Array, decoder_input_tokens: jax.Array,
              *, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Teacher-forced decoding. decoder_input_tokens: int32[N, T] ->
@@ -202,10 +221,12 @@ class PixelLLM(nn.Module):
     points, _ = self.location_head(hidden)
     return logits, hidden, points
 
+  @_attention_scoped
   def init_cache(self, encoded: jax.Array, encoder_mask: jax.Array, max_length: int) -> None:
     """Creates the decoder's KV cache (apply with `mutable=["cache"]`); see `T5.init_cache`."""
     self.t5.init_cache(encoded, encoder_mask, max_length)
 
+  @_attention_scoped
   def decode_step(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Cached `decode` of the next S tokens (apply with `mutable=["cache"]`). tokens: int32[N, S]
     -> (logits float32[N, S, V], hidden float[N, S, D], points float32[N, S, K, 2]); the points at
@@ -214,6 +235,7 @@ class PixelLLM(nn.Module):
     points, _ = self.location_head(hidden)
     return logits, hidden, points
 
+  @_attention_scoped
   def __call__(self, image: jax.Array, decoder_input_tokens: jax.Array, *,
                prompt_boxes: jax.Array | None = None, prompt_points: jax.Array | None = None,
                prompt_point_labels: jax.Array | None = None, prompt_text: jax.Array | None = None,

@@ -239,6 +239,12 @@ class Attention(nn.Module):
       k, v = self._cached_kv(x, kv, heads, k_proj, v_proj, cache_index, max_length)
     else:
       k, v = heads(k_proj(kv)), heads(v_proj(kv))
+    if layers.current_attention_implementation() != "xla" and not (train and cfg.dropout_rate):
+      # A fused kernel has no attention-probability dropout, so only where none is applied.
+      out = layers.attention(q.swapaxes(-2, -3), k.swapaxes(-2, -3), v.swapaxes(-2, -3),
+                             bias=bias, mask=mask, scale=1.0)
+      return self._proj("o", cfg.d_model, ("heads", "embed"), init)(
+          out.reshape(x.shape[:-1] + (inner,)))
     logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)
     if bias is not None:
       logits = logits + bias

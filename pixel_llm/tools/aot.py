@@ -3,7 +3,7 @@ r"""Compiles the real train step for a TPU pod topology on a CPU-only machine (a
   python -m pixel_llm.tools.aot --config=configs/ln.py --topology=v5e:16x16 \
       --mesh=data=16,fsdp=16,tensor=1 --config.model.dtype=bfloat16 --out=aot_v5e_256.json
 
-`train.build_training` runs on the topology's abstract devices (libtpu describes them; no TPU is
+`trainer.build_training` runs on the topology's abstract devices (libtpu describes them; no TPU is
 needed) and its step is lowered and compiled with the abstract state and a global batch of
 `build.example_batch` shapes. Prints, and with --out writes as JSON: XLA's per-device memory
 (arguments, outputs, temporaries, donated aliases, peak) against the chip's HBM, or the TPU
@@ -119,7 +119,7 @@ def compile_step(config, topology: str, mesh_shape: Mapping[str, int] | None = N
   import jax
   from pixel_llm import partitioning
   from pixel_llm import sharding
-  from pixel_llm import train
+  from pixel_llm import trainer
   from pixel_llm.models import build
 
   devices = topology_devices(topology, chip_config)
@@ -137,10 +137,10 @@ def compile_step(config, topology: str, mesh_shape: Mapping[str, int] | None = N
 
   t0 = time.time()
   rng = jax.random.key(config.seed)
-  training = train.build_training(config, mesh, rng)
+  training = trainer.build_training(config, mesh, rng)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim))
            for k, v in build.example_batch(config, config.batch_size).items()}
-  with train._mesh_context(mesh):  # activation constraints resolve against mesh and rules
+  with trainer.mesh_context(mesh):  # activation constraints resolve against mesh and rules
     lowered = training.jitted_step.lower(training.abstract_state, batch)
   t1, cpu1 = time.time(), time.process_time()
   try:

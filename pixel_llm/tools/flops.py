@@ -1,0 +1,389 @@
+r"""Analytic FLOPs of one PixelLLM training example, counted from the config's shapes (for MFU).
+
+  python -m pixel_llm.tools.flops --config=configs/ln.py
+  python -m pixel_llm.tools.flops --config=configs/ln.py:toy --json
+
+Model FLOPs, not hardware FLOPs: XLA's cost analysis (what `train.py` and `tools/aot.py` report)
+also counts rematerialisation and every elementwise op, so MFU from it overstates useful work.
+Here a FLOP is half a multiply-add (a [M, K] x [K, N] matmul is 2MKN). Counted: matmuls,
+convolutions (2 x the kernel taps that land on the input x in x out channels, as XLA counts them:
+SAM's 3x3 neck conv skips its zero padding), attention score and value matmuls over the full square
+(masks skip no work; SAM's windows include the padding to multiples of the window) and the
+constant-matrix resamplings of position tables and of SAM's map to EVA02's grid. Ignored:
+elementwise ops (norms, softmax, activations, residual adds, RoPE, masks, biases), gathers
+(embeddings, T5's relative-position buckets) and the loss. On the toy sizes the count is 96-99 % of
+XLA's `cost_analysis()` flops and equals XLA's dot FLOPs exactly (tests/test_flops.py).
+
+Per example: the image towers (SAM, EVA02) run once per image, everything after them once per
+prompt (R prompts share one image encoding). Terms that do not depend on the batch (resampled
+position tables, the prompt encoder's dense positional encoding and its projection in the
+extractor) are counted once per example, which is exact at batch size 1 and an overcount of at
+most those (small) terms above it. The mask decoder, mask adapter and proposal head are not
+counted (`not_counted` names them when the config enables them).
+
+Training multipliers (per component, decided from `config.frozen_params` matched against the
+parameter paths and the data-flow graph `UPSTREAM`, not per config):
+  - no trainable parameter in the component or upstream of it: forward only, 1x (frozen SAM);
+  - otherwise backward computes activation gradients: 1x more of each weight matmul, 2x more of
+    each activation x activation matmul (attention: gradients for both operands), plus weight
+    gradients (1x more) of the trainable weights. All trainable: exactly 3x. A frozen tower that
+    gradients flow through (T5 with LoRA): 2x its frozen matmuls, 3x its attention matmuls and
+    LoRA branches, i.e. a bit above 2x.
+  Not modelled: the first layer of a tower needs no input gradient (EVA02's patch embedding costs
+  2x, not 3x); a component with some but not all kernels trainable gets weight gradients in
+  proportion to its trainable kernel parameters (exact when all kernels see the same tokens).
+
+Shapes: R prompts per image, C prompt-text length, T decoder length, Q visual tokens per prompt,
+P patches, L tokens (T5 encoder: Q + C; extractor: feature-grid cells), D width, F MLP width,
+V vocabulary, S sparse prompt tokens (2 box corners), K points per token.
+"""
+import json
+import math
+import re
+from typing import Any
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+
+def _define_flags():
+  """Flags are defined only when run as a binary, so the functions below import cleanly."""
+  global _CONFIG, _JSON
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ln.py:toy.",
+                                            lock_config=True)
+  _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+
+COMPONENTS = ("sam_image_encoder", "eva02", "prompt_encoder", "prompt_extractor",
+              "visual_projection", "t5_encoder", "t5_decoder", "location_head")
+# Direct data-flow parents ("t5_embedding" is T5's shared token embedding: a gather, 0 FLOPs).
+UPSTREAM = {
+    "sam_image_encoder": (), "eva02": (), "prompt_encoder": (), "t5_embedding": (),
+    "prompt_extractor": ("sam_image_encoder", "eva02", "prompt_encoder"),
+    "visual_projection": ("prompt_extractor",),
+    "t5_encoder": ("visual_projection", "t5_embedding"),
+    "t5_decoder": ("t5_encoder", "t5_embedding"),
+    "location_head": ("t5_decoder",),
+}
+# Buckets of forward FLOPs: matmuls with a parameter (or constant) operand, LoRA branches, and
+# matmuls of two activations (attention scores and values).
+BUCKETS = ("weights", "lora", "attention")
+BOX_TOKENS = 2  # SAM's prompt encoder turns a box into two corner tokens
+
+
+def _mm(m: float, k: float, n: float) -> float:
+  """FLOPs of [M, K] x [K, N]."""
+  return 2.0 * m * k * n
+
+
+def _zero() -> dict[str, float]:
+  return dict.fromkeys(BUCKETS, 0.0)
+
+
+def _taps(n: int, k: int) -> int:
+  """Kernel taps that land inside an n-long axis, summed over the n outputs of a stride-1 'same'
+  conv of odd size k: what XLA counts (taps on the zero padding are not multiply-adds)."""
+  return sum(min(i + k // 2, n - 1) - max(i - k // 2, 0) + 1 for i in range(n))
+
+
+def _resize(in_hw: tuple[int, int], out_hw: tuple[int, int], d: int) -> float:
+  """A separable 2-D resampling of [in_h, in_w, D] to [out_h, out_w, D] as two constant matmuls
+  (rows first, as SAM's torch-math resize and jax.image.resize's einsum do); 0 when no resize."""
+  if tuple(in_hw) == tuple(out_hw):
+    return 0.0
+  (ih, iw), (oh, ow) = in_hw, out_hw
+  return _mm(oh, ih, iw * d) + _mm(ow, iw, oh * d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-component forward FLOPs, split in BUCKETS. Each returns (per image or prompt, per example).
+# ---------------------------------------------------------------------------------------------
+def _sam(enc, image_size: int, fused_grid: int) -> dict[str, float]:
+  """SAM ImageEncoderViT over one image: windowed blocks pad the grid to multiples of the window
+  (qkv, attention and proj run on the padded windows; the MLP on the real grid)."""
+  f = _zero()
+  p, d = enc.patch_size, enc.width
+  h = w = image_size // p
+  mlp = int(d * enc.mlp_ratio)
+  f["weights"] += _mm(h * w, p * p * 3, d)  # patch conv
+  g = enc.pretrain_img_size // p
+  f["weights"] += _resize((g, g), (h, w), d)  # pos_embed, bicubic
+  for i in range(enc.depth):
+    if i in enc.global_attn_indexes:
+      tokens, keys, sides = h * w, h * w, (h, w)
+      # Tables stored for the pretraining grid, linearly resampled to 2 * side - 1 rows.
+      f["weights"] += sum(_mm(2 * n - 1, 2 * g - 1, d // enc.num_heads) for n in (h, w) if n != g)
+    else:
+      ws = enc.window_size
+      tokens, keys, sides = (-(-h // ws) * ws) * (-(-w // ws) * ws), ws * ws, (ws, ws)
+    f["weights"] += _mm(tokens, d, 3 * d) + _mm(tokens, d, d)  # qkv, proj
+    f["weights"] += sum(_mm(tokens, d, s) for s in sides)  # decomposed rel-pos: q x table
+    f["attention"] += 2 * _mm(tokens, keys, d)  # scores + values, summed over heads
+    f["weights"] += _mm(h * w, d, mlp) + _mm(h * w, mlp, d)
+  c = enc.out_chans
+  f["weights"] += _mm(h * w, d, c) + _mm(_taps(h, 3) * _taps(w, 3), c, c)  # neck: 1x1, 3x3
+  f["weights"] += _resize((h, w), (fused_grid, fused_grid), c)  # to EVA02's grid, bicubic
+  return f
+
+
+def _eva02(enc, image_size: int) -> dict[str, float]:
+  """EVA02 over one image: class token + P patches; SwiGLU (fc1_g, fc1_x: D -> F, fc2: F -> D)."""
+  f = _zero()
+  p, d = enc.patch_size, enc.width
+  h = w = image_size // p
+  t = h * w + 1
+  mlp = enc.mlp_dim or int(d * (4 * 2 / 3))
+  f["weights"] += _mm(h * w, p * p * 3, d)
+  g = enc.pretrain_img_size // p
+  f["weights"] += _resize((g, g), (h, w), d)
+  per_block = 4 * _mm(t, d, d) + 2 * _mm(t, d, mlp) + _mm(t, mlp, d)
+  f["weights"] += enc.depth * per_block
+  f["attention"] += enc.depth * 2 * _mm(t, t, d)
+  return f
+
+
+def _prompt_encoder(enc, grid: int) -> tuple[dict[str, float], dict[str, float]]:
+  """Random-Fourier positional encodings: the box corners (per prompt), the dense grid (once)."""
+  half = enc.embed_dim // 2
+  per_prompt, once = _zero(), _zero()
+  per_prompt["weights"] = _mm(BOX_TOKENS, 2, half)
+  once["weights"] = _mm(grid * grid, 2, half)
+  return per_prompt, once
+
+
+def _attn_layer(tq: int, tk: int, d: int, inner: int) -> dict[str, float]:
+  """SAM two-way attention: q from Tq tokens, k/v from Tk tokens, D -> inner -> D."""
+  return {"weights": _mm(tq, d, inner) + 2 * _mm(tk, d, inner) + _mm(tq, inner, d), "lora": 0.0,
+          "attention": 2 * _mm(tq, tk, inner)}
+
+
+def _add(a: dict[str, float], b: dict[str, float], times: float = 1.0) -> None:
+  for k in BUCKETS:
+    a[k] += times * b[k]
+
+
+def _prompt_extractor(ext, grid: int, in_dim: int) -> tuple[dict[str, float], dict[str, float]]:
+  """Two-way transformer of Q learnt + S prompt tokens against the L = grid^2 image tokens."""
+  per_prompt, once = _zero(), _zero()
+  l, d, e, q = grid * grid, ext.width, ext.prompt_dim, ext.num_output_tokens
+  st = q + BOX_TOKENS
+  inner = d // ext.attention_downsample_rate
+  per_prompt["weights"] += _mm(l, in_dim, d)  # image projection
+  if e != d:
+    per_prompt["weights"] += _mm(l, e, d) + _mm(BOX_TOKENS, e, d)  # dense, sparse prompt
+    once["weights"] += _mm(l, e, d)  # image PE, shared by all prompts
+  for _ in range(ext.depth):
+    _add(per_prompt, _attn_layer(st, st, d, d))  # token self-attention
+    _add(per_prompt, _attn_layer(st, l, d, inner))  # token -> image
+    per_prompt["weights"] += _mm(st, d, ext.mlp_dim) + _mm(st, ext.mlp_dim, d)
+    _add(per_prompt, _attn_layer(l, st, d, inner))  # image -> token
+  _add(per_prompt, _attn_layer(st, l, d, inner))  # final token -> image
+  per_prompt["weights"] += _mm(q, d, ext.output_dim)  # one head per output token
+  return per_prompt, once
+
+
+def _t5_attention(cfg, stack: str, kind: str, tq: int, tk: int) -> dict[str, float]:
+  """T5 attention: q/o on the Tq queries, k/v on the Tk keys; LoRA on its configured projections."""
+  d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+  rows = {"q": (tq, d, inner), "k": (tk, d, inner), "v": (tk, d, inner), "o": (tq, inner, d)}
+  f = _zero()
+  f["weights"] = sum(_mm(*r) for r in rows.values())
+  f["attention"] = 2 * _mm(tq, tk, inner)  # the full square: masks do not skip work
+  for name in cfg.lora_projections(stack, kind):
+    m, din, dout = rows[name]
+    f["lora"] += _mm(m, din, cfg.lora_rank) + _mm(m, cfg.lora_rank, dout)
+  return f
+
+
+def _t5_mlp(cfg, tokens: int) -> float:
+  """Gated-GELU: wi_0, wi_1 (D -> F), wo (F -> D)."""
+  return 3 * _mm(tokens, cfg.d_model, cfg.d_ff)
+
+
+def _t5_encoder(cfg, l: int) -> dict[str, float]:
+  f = _zero()
+  for _ in range(cfg.num_layers):
+    _add(f, _t5_attention(cfg, "encoder", "self", l, l))
+    f["weights"] += _t5_mlp(cfg, l)
+  return f
+
+
+def _t5_decoder(cfg, t: int, l: int) -> dict[str, float]:
+  f = _zero()
+  for _ in range(cfg.num_decoder_layers):
+    _add(f, _t5_attention(cfg, "decoder", "self", t, t))
+    _add(f, _t5_attention(cfg, "decoder", "cross", t, l))
+    f["weights"] += _t5_mlp(cfg, t)
+  f["weights"] += _mm(t, cfg.d_model, cfg.vocab_size)  # LM head
+  return f
+
+
+def _location_head(head, d: int, t: int) -> dict[str, float]:
+  f = _zero()
+  dims = [d] + [head.hidden_dim] * (head.depth - 1) + [2 * head.num_points]
+  f["weights"] = sum(_mm(t, a, b) for a, b in zip(dims[:-1], dims[1:]))
+  return f
+
+
+def _shapes(config) -> dict[str, int]:
+  """R, C, T of one example, read from `build.example_batch` (the trainer's batch shapes)."""
+  from pixel_llm.models import build
+  batch = build.example_batch(config, 1, abstract=True)
+  _, r, c = batch["prompt_text"].shape
+  return {"R": r, "C": c, "T": batch["decoder_input_tokens"].shape[-1]}
+
+
+def forward_breakdown(config) -> dict[str, dict[str, float]]:
+  """{component: {bucket: forward FLOPs of one example}} (see BUCKETS)."""
+  from pixel_llm.models import build
+  net = build.build_network(config.model)
+  s = config.model.image_size
+  shape = _shapes(config)
+  r, c, t = shape["R"], shape["C"], shape["T"]
+  sam, eva = net.sam_image_encoder, net.eva02
+  grid = max((s // m.patch_size) for m in (sam, eva) if m is not None)
+  in_dim = (sam.out_chans if sam is not None else 0) + (eva.width if eva is not None else 0)
+  out = {k: _zero() for k in COMPONENTS}
+  if sam is not None:
+    out["sam_image_encoder"] = _sam(sam, s, grid)
+  if eva is not None:
+    out["eva02"] = _eva02(eva, s)
+  for name, (per_prompt, once) in (
+      ("prompt_encoder", _prompt_encoder(net.prompt_encoder, grid)),
+      ("prompt_extractor", _prompt_extractor(net.prompt_extractor, grid, in_dim))):
+    _add(out[name], per_prompt, r)
+    _add(out[name], once)
+  q = net.prompt_extractor.num_output_tokens
+  out["visual_projection"]["weights"] = r * _mm(q, net.prompt_extractor.output_dim,
+                                                net.visual_projection.features)
+  cfg = net.t5.config
+  _add(out["t5_encoder"], _t5_encoder(cfg, q + c), r)
+  _add(out["t5_decoder"], _t5_decoder(cfg, t, q + c), r)
+  _add(out["location_head"], _location_head(net.location_head, cfg.d_model, t), r)
+  return out
+
+
+def forward_flops(config) -> dict[str, float]:
+  """{component: forward FLOPs of one example} (matmuls, convs and attention; see the module
+  docstring for what is and is not counted). Components absent from the config count 0."""
+  return {k: sum(v.values()) for k, v in forward_breakdown(config).items()}
+
+
+def not_counted(config) -> list[str]:
+  """Enabled parts of the network this counter leaves out."""
+  m = config.model
+  return [k for k in ("mask_decoder", "mask_adapter", "proposal_head")
+          if (m.get(k) or {}).get("enabled", False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: which components train, which pass gradients.
+# ---------------------------------------------------------------------------------------------
+def component_of(path: str) -> str:
+  """The COMPONENTS / UPSTREAM node a parameter path belongs to."""
+  top, _, rest = path.partition("/")
+  if top != "t5":
+    return top
+  sub = rest.split("/")[0]
+  return {"encoder": "t5_encoder", "decoder": "t5_decoder", "lm_head": "t5_decoder",
+          "shared": "t5_embedding"}.get(sub, "t5_embedding")
+
+
+def trainable_summary(config) -> dict[str, dict[str, float]]:
+  """Per node: {"any": 1.0 if any parameter trains, "kernels": trainable fraction of its non-LoRA
+  kernel parameters, "lora": trainable fraction of its LoRA parameters} (fractions by count; 0 for
+  a node without such parameters), from `config.frozen_params` on the abstract parameter tree."""
+  import flax.linen as nn
+  import jax
+  from pixel_llm.models import build
+  from pixel_llm import optim
+
+  params = nn.meta.unbox(build.abstract_params(config))  # paths as model_info prints them
+  labels = optim.frozen_labels(params, config.frozen_params)
+  paths = optim.param_paths(params)
+  sizes = jax.tree.map(lambda x: math.prod(x.shape), params)
+  counts: dict[str, dict[str, list[float]]] = {}
+  for path, label, n in zip(jax.tree.leaves(paths), jax.tree.leaves(labels),
+                            jax.tree.leaves(sizes)):
+    node = counts.setdefault(component_of(path), {"any": [0, 0], "kernels": [0, 0],
+                                                  "lora": [0, 0]})
+    train = label == "train"
+    kinds = ["any"]
+    if "lora" in path:
+      kinds.append("lora")
+    elif re.search(r"(^|/)kernel$", path):
+      kinds.append("kernels")
+    for kind in kinds:
+      node[kind][0] += n * train
+      node[kind][1] += n
+  return {node: {"any": float(v["any"][0] > 0),
+                 "kernels": v["kernels"][0] / v["kernels"][1] if v["kernels"][1] else 0.0,
+                 "lora": v["lora"][0] / v["lora"][1] if v["lora"][1] else 0.0}
+          for node, v in counts.items()}
+
+
+def _needs_gradients(trainable: dict[str, dict[str, float]]) -> dict[str, bool]:
+  """A node computes activation gradients iff it or anything upstream of it has a trainable
+  parameter (every node lies upstream of the loss)."""
+  memo: dict[str, bool] = {}
+
+  def visit(node: str) -> bool:
+    if node not in memo:
+      memo[node] = bool(trainable.get(node, {}).get("any", 0.0)) or any(
+          visit(u) for u in UPSTREAM.get(node, ()))
+    return memo[node]
+  return {node: visit(node) for node in UPSTREAM}
+
+
+def train_flops(config, *, breakdown: dict | None = None,
+                trainable: dict | None = None) -> dict[str, Any]:
+  """Training FLOPs of one example (forward + backward), per component and in total.
+
+  Returns {"components": {name: {"forward", "multiplier", "train", "trains", "gradients"}},
+  "forward": total forward FLOPs, "train": total training FLOPs, "not_counted": [...]}.
+  `breakdown` / `trainable` default to `forward_breakdown(config)` / `trainable_summary(config)`.
+  """
+  breakdown = breakdown if breakdown is not None else forward_breakdown(config)
+  trainable = trainable if trainable is not None else trainable_summary(config)
+  grads = _needs_gradients(trainable)
+  comps = {}
+  for name, f in breakdown.items():
+    fwd = sum(f.values())
+    total = fwd
+    own = trainable.get(name, {"any": 0.0, "kernels": 0.0, "lora": 0.0})
+    if grads[name]:
+      total += f["weights"] + f["lora"] + 2 * f["attention"]  # activation gradients
+      total += own["kernels"] * f["weights"] + own["lora"] * f["lora"]  # weight gradients
+    comps[name] = {"forward": fwd, "multiplier": total / fwd if fwd else 0.0, "train": total,
+                   "trains": bool(own["any"]), "gradients": grads[name]}
+  return {"components": comps, "forward": sum(c["forward"] for c in comps.values()),
+          "train": sum(c["train"] for c in comps.values()), "not_counted": not_counted(config)}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  result = train_flops(config)
+  if _JSON.value:
+    print(json.dumps(result))
+    return
+  shape = _shapes(config)
+  print(f"PixelLLM FLOPs per training example ({config.get('name', 'config')}; image "
+        f"{config.model.image_size} px, R={shape['R']} prompts, C={shape['C']}, T={shape['T']})")
+  print(f"  {'component':<20} {'forward GFLOPs':>15} {'multiplier':>11} {'training GFLOPs':>16}")
+  for name, c in result["components"].items():
+    print(f"  {name:<20} {c['forward'] / 1e9:>15.4f} {c['multiplier']:>10.3f}x "
+          f"{c['train'] / 1e9:>16.4f}")
+  print(f"  {'total':<20} {result['forward'] / 1e9:>15.4f} "
+        f"{result['train'] / max(result['forward'], 1.0):>10.3f}x {result['train'] / 1e9:>16.4f}")
+  print(f"Training: {result['train'] / 1e12:.4g} TFLOPs per example "
+        f"(forward {result['forward'] / 1e12:.4g} TFLOPs).")
+  if result["not_counted"]:
+    print(f"Not counted (enabled in the config): {', '.join(result['not_counted'])}.")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flag_as_required("config")
+  app.run(main)
