@@ -15,9 +15,7 @@ encoder), and tokens/s = B * new_tokens / end-to-end seconds. benchmarks/decode.
 T5 decoder alone with Hugging Face's. Writes JSON with --out. Shape letters: B batch.
 """
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import hardware  # benchmarks/hardware.py (this script's folder is on sys.path)
 import train_step  # benchmarks/train_step.py (this script's folder is on sys.path)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pixel_llm import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -53,6 +52,7 @@ def main():
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--attention", default="xla", help="layers.ATTENTION_IMPLS")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--scan", action="store_true", help="scan over layers (much faster compiles)")
   p.add_argument("--out", default="")
   args = p.parse_args()
 
@@ -60,6 +60,9 @@ def main():
   with config.unlocked():
     config.model.dtype = args.dtype
     config.model.attention_impl = args.attention
+    for tower in train_step.TOWERS:
+      if config.model.get(tower) is not None:
+        config.model[tower].scan_layers = bool(args.scan)
   model = build.build_model(config)
   network, new = model.network, args.new_tokens
   dtype = jnp.dtype(args.dtype)
@@ -96,15 +99,10 @@ def main():
     print(f"batch {size}: {seconds:.3f} s end to end ({encode_s * 1e3:.1f} ms encoding), "
           f"{r['tokens_per_second']:.0f} tokens/s, {emitted}/{rows * new} tokens emitted "
           f"(first call {first:.1f} s incl. compile)", flush=True)
-  record = {"config": args.config, "dtype": args.dtype, "attention": args.attention,
-            "new_tokens": new, "parameters": n_params, "device": device.device_kind,
-            "platform": jax.default_backend(), "jax": jax.__version__,
-            "python": platform.python_version(), "results": results,
-            "command": " ".join(sys.argv)}
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(record, f, indent=2)
+  hardware.write_json(args.out, {
+      **hardware.environment(), "config": args.config, "dtype": args.dtype,
+      "attention": args.attention, "scan": args.scan, "new_tokens": new, "parameters": n_params,
+      "results": results, "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":

@@ -8,15 +8,14 @@ r"""Image-tower throughput (images/s, inference): SAM ViT-B/L/H image encoders a
 Each tower is built at its published size (configs/common.py SAM / EVA02 tables) with random
 weights cast to --dtype (as the trainer keeps frozen towers), and its forward pass jitted on a
 [B, S, S, 3] batch (S = the size after '@'). After a warm-up, --iters batches are timed
-(alternating two random input sets, each waited for); images/s = B / median seconds. TFLOP/s uses
-XLA's cost analysis of the compiled forward. A variant that fails (e.g. cuDNN refusing a shape,
+(alternating two random input sets, each waited for); images/s = B / median seconds. "XLA
+TFLOP/s" uses XLA's cost analysis of the compiled forward, which counts a scanned stack once: with
+--scan it is far too low (RESULTS.md uses the analytic count of pixel_llm/tools/flops.py instead). A variant that fails (e.g. cuDNN refusing a shape,
 out of memory) is reported with its error and the rest go on. Writes JSON with --out.
 Shape letters: B batch, S image side.
 """
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import hardware  # benchmarks/hardware.py (this script's folder is on sys.path)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pixel_llm.models import eva02 as eva02_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -82,9 +82,8 @@ def main():
   p.add_argument("--out", default="")
   args = p.parse_args()
 
-  device = jax.devices()[0]
   results = []
-  print(f"{'tower':<14}{'px':>6}{'attention':>13}{'img/s':>10}{'TFLOP/s':>10}{'compile s':>11}",
+  print(f"{'tower':<14}{'px':>6}{'attention':>13}{'img/s':>10}{'XLA TF/s':>10}{'compile s':>11}",
         flush=True)
   for spec in args.towers.split(","):
     name, _, size = spec.partition("@")
@@ -99,13 +98,9 @@ def main():
         print(f"{name:<14}{size:>6}{attention:>13}{r['images_per_second']:>10.1f}"
               f"{r['achieved_tflops']:>10.1f}{r['compile_seconds']:>11.1f}", flush=True)
       results.append(r)
-  out = {"device": device.device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
-         "python": platform.python_version(), "dtype": args.dtype, "scan": args.scan,
-         "results": results, "command": " ".join(sys.argv)}
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=2)
+      hardware.write_json(args.out, {  # after each variant: a stopped run keeps what it measured
+          **hardware.environment(), "dtype": args.dtype, "scan": args.scan, "results": results,
+          "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":

@@ -59,9 +59,9 @@ EOF
 stage train_step "$TRAIN_LIMIT" python3 benchmarks/train_step.py --config="$CONFIG" \
   --batch="${TRAIN_BATCH:-64,32}" --stop_after_first_fit --dtype=bfloat16 --frozen_dtype=bfloat16 \
   --attention="${TRAIN_ATTENTION:-cudnn}" --scan --steps=5 --out="$OUT/train_step.json"
-stage encoders "$ENCODER_LIMIT" python3 benchmarks/encoders.py \
+[ "${SKIP_ENCODERS:-0}" = 1 ] || stage encoders "$ENCODER_LIMIT" python3 benchmarks/encoders.py \
   --towers="$TOWERS" --attention=xla,cudnn --dtype=bfloat16 --batch="${ENCODER_BATCH:-16}" \
   --iters=10 --scan --out="$OUT/encoders.json"
 stage caption_decode "$DECODE_LIMIT" python3 benchmarks/caption_decode.py --config="$CONFIG" \
-  --batch="${DECODE_BATCH:-1,64}" --new_tokens=128 --dtype=bfloat16 --repeats=3 --out="$OUT/caption_decode.json"
+  --batch="${DECODE_BATCH:-1,64}" --new_tokens=128 --dtype=bfloat16 --repeats=3 --scan --out="$OUT/caption_decode.json"
 echo "=== done $(date +%T)"

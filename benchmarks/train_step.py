@@ -24,15 +24,14 @@ Shape letters: B batch.
 """
 import argparse
 import importlib.util
-import json
 import os
-import platform
 import sys
 import time
 
 import jax
 import numpy as np
 
+import hardware  # benchmarks/hardware.py (this script's folder is on sys.path)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pixel_llm import partitioning  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pixel_llm import trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -153,11 +152,9 @@ def main():
                                     jax.random.key(0))
   print(f"built in {time.time() - t0:.1f} s", flush=True)
 
-  record = {"config": args.config, "dtype": args.dtype, "frozen_dtype": args.frozen_dtype,
-            "attention": args.attention, "remat": args.remat, "scan": args.scan,
-            "device": device.device_kind, "platform": jax.default_backend(),
-            "jax": jax.__version__, "python": platform.python_version(),
-            "peak_flops": peak, "results": [], "command": " ".join(sys.argv)}
+  record = {**hardware.environment(), "config": args.config, "dtype": args.dtype,
+            "frozen_dtype": args.frozen_dtype, "attention": args.attention, "remat": args.remat,
+            "scan": args.scan, "peak_flops": peak, "results": [], "command": " ".join(sys.argv)}
   for size in [int(b) for b in args.batch.split(",")]:
     try:
       r = time_batch(training, config, size, args.steps)
@@ -166,14 +163,14 @@ def main():
         raise
       print(f"batch {size}: out of memory ({str(e).splitlines()[0][:160]})", flush=True)
       record["results"].append({"batch": size, "error": "out of memory"})
-      _write(args.out, record)
+      hardware.write_json(args.out, record)
       continue
     if model_flops:
       r["analytic_flops_per_example"] = model_flops
       r["achieved_tflops"] = model_flops * r["examples_per_second"] / 1e12
       r["mfu"] = model_flops * r["examples_per_second"] / peak if peak else None
     record["results"].append(r)
-    _write(args.out, record)  # after each size: a run stopped by a time limit keeps what it measured
+    hardware.write_json(args.out, record)  # after each size: a run stopped by a time limit keeps what it measured
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
     mem = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r["peak_memory_bytes"] else "n/a"
     print(f"batch {size}: compile {r['compile_seconds']:.1f} s, step "
@@ -181,13 +178,6 @@ def main():
           f"MFU {mfu}, peak memory {mem}, loss {r['loss']:.3f}", flush=True)
     if args.stop_after_first_fit:
       break
-
-
-def _write(path: str, record: dict) -> None:
-  if path:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":

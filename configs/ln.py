@@ -93,6 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.final_eval = True  # False: stop after training; evaluate with `pixel_llm.eval`
   # MFU needs the device's peak FLOP/s; 0 = look it up (train.PEAK_FLOPS) from jax's device_kind.
   c.peak_flops_per_device = 0.0
+  # Input batches prepared and put on the devices ahead of the step by a thread (0 = none).
+  c.prefetch_batches = 2
   c.eval_every_steps = 2500 if not a.toy else 500
   # What the trainer's evaluations and `pixel_llm.eval` run (pixel_llm/evaluation.py); the paper
   # reports LN captioning + trace on COCO val. Add "meteor" where Java is installed.

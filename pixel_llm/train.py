@@ -37,11 +37,13 @@ from ml_collections import config_flags
 from pixel_llm import checkpoints
 from pixel_llm import evaluation
 from pixel_llm import partitioning
+from pixel_llm import prefetch
 from pixel_llm import sharding
 from pixel_llm import trainer
 from pixel_llm.data import pipeline
 from pixel_llm.models import build
 from pixel_llm.models import pretrained
+from pixel_llm.tools import flops
 # Re-exported: callers (tests, tools) reach the step's pieces through the binary's module.
 from pixel_llm.trainer import PEAK_FLOPS, Training, build_training, check_skips, make_train_step  # pylint: disable=unused-import
 
@@ -207,18 +209,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
   max_skips = config.get("max_consecutive_skips", 10)
   total = config.total_steps
   peak = trainer.peak_flops(config)
-  step_fn, step_flops = None, None
+  # MFU counts the model's FLOPs from its shapes (pixel_llm/tools/flops.py): XLA's cost analysis
+  # counts a scanned layer stack once and rematerialised work twice, so it cannot be the numerator.
+  step_flops = None
+  if peak:
+    try:
+      step_flops = flops.train_flops(config)["train"] * config.batch_size
+    except Exception as e:  # pylint: disable=broad-except  (MFU is a report, not the job)
+      logging.warning("No MFU: the FLOP counter failed on this config (%s).", e)
+  step_fn = None
   t0, steps_since, previous = time.time(), 0, None
   if lead:
     print(f"Training {total} steps (batch {config.batch_size}, mesh {dict(mesh.shape)}, "
           f"{jax.process_count()} process(es)) from step {first_step}; workdir {workdir}",
           flush=True)
-  with _Preemption() as preemption:
+  # A thread prepares and transfers the next batches while the step runs (0: in the loop).
+  batches = prefetch.prefetch_to_device(train_iter, config.get("prefetch_batches", 2), global_batch)
+  with _Preemption() as preemption, batches:
     for step in range(first_step + 1, total + 1):
-      batch = global_batch(next(train_iter))
-      if step_fn is None:  # compile once, ahead of the first step, to read its cost analysis
+      batch = next(batches)
+      if step_fn is None:  # compile once, ahead of the first step
         step_fn = training.compile_step(state, batch)
-        step_flops = trainer.step_flops(step_fn, accum)
       state, metrics = step_fn(state, batch)
       if previous is not None:
         check_skips(previous, max_skips)

@@ -62,6 +62,7 @@ def test_cli_compiles_the_train_step_for_v5e(cli_run):
   c = r["cost_model"]
   assert c["flops_per_device"] > 0 and c["flops_per_step"] == 4 * c["flops_per_device"]
   assert c["step_seconds"] > 0 and c["roofline_seconds"] > 0 and 0 < c["mfu"] <= 1
+  assert c["model_flops_per_step"] > 0 and 0 < c["model_compute_floor_seconds"] <= c["step_seconds"]
   assert "per-device memory" in stdout and "fits" in stdout and "MFU" in stdout
   assert r["versions"]["libtpu"] == importlib.metadata.version("libtpu")
   assert "pixel_llm.tools.aot" in r["command"] and "--mesh=data=1,fsdp=2,tensor=-1" in r["command"]

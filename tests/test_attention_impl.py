@@ -54,6 +54,27 @@ def test_unknown_implementation_is_an_error():
       pass
 
 
+def test_cudnn_refusal_falls_back_to_xla(monkeypatch):
+  """cuDNN refuses some shapes at trace time (NotImplementedError, e.g. 34 queries over 729
+  keys on an H200): that call runs through XLA instead of failing the whole model."""
+  original = jax.nn.dot_product_attention
+  calls = []
+
+  def refusing(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    if implementation == "cudnn":
+      raise NotImplementedError("Unsupported sequence length Q 5, KV 7.")
+    return original(*args, implementation=implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+  q, k, v = _qkv(np.random.default_rng(2), (3,), 5, 7)
+  with layers.attention_implementation("cudnn"):
+    got = layers.attention(q, k, v)
+  assert calls == ["cudnn", "xla"]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(layers.attention(q, k, v)), rtol=1e-5,
+                             atol=1e-5)
+
+
 def _toy():
   config = ln.get_config("toy")
   config.model.image_size = 64
@@ -78,7 +99,8 @@ def test_network_loss_is_the_same_with_dot_product_attention():
   batch["decoder_input_tokens"] = jnp.asarray(rng.integers(2, 128, (2, 1, 6)), jnp.int32)
   batch["decoder_target_tokens"] = jnp.asarray(rng.integers(2, 128, (2, 1, 6)), jnp.int32)
   batch["point_weights"] = jnp.ones_like(batch["point_weights"])
-  params = xla_model.init_variables(jax.random.key(0), batch)["params"]
+  params = jax.jit(xla_model.init_variables, compiler_options=_FAST)(jax.random.key(0),
+                                                                     batch)["params"]
   (a, aux_a), (b, aux_b) = [
       jax.jit(lambda p, m=m: m.loss_fn(p, batch, None, train=False),
               compiler_options=_FAST)(params) for m in (xla_model, dp_model)]

@@ -8,6 +8,7 @@ from PIL import Image
 
 from configs import ln
 from pixel_llm import train
+from pixel_llm.tools import flops
 
 
 def _config(tmp_path):
@@ -19,6 +20,7 @@ def _config(tmp_path):
   c.update(total_steps=12, batch_size=4, warmup_steps=2, log_every_steps=2,
            checkpoint_every_steps=6, eval_every_steps=1000)
   c.mesh = dict(data=4, fsdp=1, tensor=2)  # batch 4 on conftest's 8 devices; tensor-parallel too
+  c.peak_flops_per_device = 1e12  # CPUs have no entry in trainer.PEAK_FLOPS: MFU needs a peak
   return c
 
 
@@ -38,6 +40,11 @@ def test_train_evaluate_and_resume(tmp_path, capsys):
   for key in ("loss", "caption_loss", "point_loss", "learning_rate"):
     assert all(np.isfinite(l[key]) for l in lines), key
   assert lines[-1]["loss"] < lines[0]["loss"]
+  # MFU = the model's training FLOPs per example (from its shapes) x examples/s / (peak x devices).
+  per_example = flops.train_flops(config)["train"]
+  for l in lines:
+    np.testing.assert_allclose(l["mfu"] * 1e12 * 8 / l["examples_per_second"], per_example,
+                               rtol=1e-6)
 
   # Final evaluation, on disk and returned: metrics.json, and eval/ln_val.json + predictions as
   # the eval binary writes them.

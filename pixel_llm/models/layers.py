@@ -223,9 +223,15 @@ def _fused_attention(q, k, v, bias, mask, scale, impl):
     bias = fold_logit_shaped(bias.astype(q.dtype if impl == "cudnn" else jnp.float32))
   if mask is not None:
     mask = fold_logit_shaped(mask)
-  out = jax.nn.dot_product_attention(
-      fold(q), fold(k), fold(v), bias=bias, mask=mask, scale=scale,
-      implementation="xla" if impl == "dot_product" else "cudnn")
+  args = (fold(q), fold(k), fold(v))
+  try:
+    out = jax.nn.dot_product_attention(*args, bias=bias, mask=mask, scale=scale,
+                                       implementation="xla" if impl == "dot_product" else "cudnn")
+  except NotImplementedError:
+    # cuDNN refuses some shapes (e.g. the prompt extractor's 34 queries over 729 keys): those
+    # few attentions run through XLA, the rest stay fused. Decided at trace time, per call.
+    out = jax.nn.dot_product_attention(*args, bias=bias, mask=mask, scale=scale,
+                                       implementation="xla")
   return out.reshape(lead + (tq, n, dh))
 
 
