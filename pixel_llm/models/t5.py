@@ -315,7 +315,10 @@ class Block(nn.Module):
     if self.is_decoder:
       x = SubLayer(cfg, "cross", cfg.lora_projections(stack, "cross"), name="layer_1")(
           x, kv=encoded, mask=encoder_mask, train=train, **cache_kw)
-    return SubLayer(cfg, "ff", name=f"layer_{2 if self.is_decoder else 1}")(x, train=train)
+    x = SubLayer(cfg, "ff", name=f"layer_{2 if self.is_decoder else 1}")(x, train=train)
+    # Block boundary: batch-sharded. Without it XLA's propagation from the fsdp-sharded weights
+    # may leave activations split over D or replicated over the batch.
+    return layers.constrain(x, ("batch", "length", "act_embed"))
 
 
 class Stack(nn.Module):
@@ -375,7 +378,7 @@ class Stack(nn.Module):
       if self.is_decoder:
         self_mask = self_mask & jnp.tril(jnp.ones((t, t), bool))[None, None]
         encoder_mask = encoder_mask[:, None, None, :]
-    x = _dropout(x, cfg.dropout_rate, train)
+    x = layers.constrain(_dropout(x, cfg.dropout_rate, train), ("batch", "length", "act_embed"))
     depth = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
     block_cls = scan.remat_block(Block, cfg.remat and not decode, cfg.remat_policy, (6,),
                                  scanned=cfg.scan_layers)

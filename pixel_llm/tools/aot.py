@@ -202,7 +202,11 @@ def _report(config, topology, mesh, device, compiled, error, timing) -> dict:
   # either way, and the MFU numerator.
   model_flops = _model_flops(config)
   floor = model_flops / (n * peak) if model_flops else 0.0
-  seconds = max(optimal if optimal > 0 else roofline, floor)
+  xla_seconds = optimal if optimal > 0 else roofline
+  # Where the floor exceeds XLA's own estimate, XLA's cost model has no step time to offer (a
+  # scanned program): then only bounds are reported, not an MFU of 100% by construction.
+  estimated = xla_seconds > floor
+  seconds = xla_seconds if estimated else floor
   report.update({
       "memory_per_device": memory,
       "fits": max(memory["total_bytes"], memory["peak_bytes"]) <= hbm,
@@ -213,8 +217,12 @@ def _report(config, topology, mesh, device, compiled, error, timing) -> dict:
           "roofline_seconds": roofline, "step_seconds": seconds,
           "model_flops_per_step": model_flops, "model_compute_floor_seconds": floor,
           "xla_counts_scan_body_once": any(report["scan_layers"].values()),
-          "examples_per_second": config.batch_size / seconds if seconds > 0 else None,
-          "mfu": ((model_flops or flops * n) / n) / seconds / peak if seconds > 0 else None,
+          "step_seconds_is_estimate": estimated,
+          "examples_per_second": (config.batch_size / seconds
+                                  if seconds > 0 and estimated else None),
+          "examples_per_second_upper_bound": config.batch_size / floor if floor > 0 else None,
+          "mfu": (((model_flops or flops * n) / n) / seconds / peak
+                  if seconds > 0 and estimated else None),
           "peak_flops_per_device": peak,
       },
   })
@@ -253,10 +261,16 @@ def format_report(r: dict) -> str:
       + (" (scan: XLA counts each scanned stack once)" if c["xla_counts_scan_body_once"] else ""),
       f"  model flops per step {c['model_flops_per_step'] or 0:.3e} (pixel_llm.tools.flops), "
       f"compute floor {c['model_compute_floor_seconds']:.4f} s",
-      f"  step seconds {c['step_seconds']:.4f} (the larger of the floor and "
-      + ("XLA optimal_seconds" if c["optimal_seconds"] else "the roofline of XLA's flops and HBM "
-         "bytes per device") + "; communication not counted: a lower bound)",
     ]
+    if c["step_seconds_is_estimate"]:
+      lines.append(f"  step seconds {c['step_seconds']:.4f} ("
+                   + ("XLA optimal_seconds" if c["optimal_seconds"] else "the roofline of XLA's "
+                      "flops and HBM bytes per device") + "; communication not counted: a lower "
+                   "bound)")
+    else:
+      lines.append(f"  no step-time estimate: XLA's cost model ({c['roofline_seconds']:.4f} s) is "
+                   "below the compute floor (it counts a scanned stack once); examples/s at most "
+                   f"{c['examples_per_second_upper_bound']:.1f} (100% MFU)")
     if c["examples_per_second"]:
       lines.append(f"  examples/s {c['examples_per_second']:.1f}, MFU {100 * c['mfu']:.1f}% of "
                    f"{c['peak_flops_per_device'] / 1e12:.0f} TFLOP/s bf16 peak per device")
