@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of benchmarks/RESULTS.md in one run (one lent GPU, minutes of device time):
-#   1. the full configs/ln.py train step (bf16, largest batch of --batch that fits): MFU
+#   1. the full configs/ln.py train step (bf16, largest batch of TRAIN_BATCH that fits): MFU;
+#      REMAT_BATCH=64 adds the same step with rematerialisation (REMAT_POLICY, dots_saveable)
 #   2. SAM ViT-H at 1024 px and EVA02-L at 384 px: images/s, XLA attention vs cuDNN flash attention
 #   3. caption + trace decoding with Flan-T5-XL (whole network), 128 tokens, batch 1 and 64
 #
@@ -10,7 +11,11 @@
 # time does not stop the next. The GPU image carries JAX but not ml_collections (and possibly other
 # flax/optax versions than requirements/constraints.txt): wheels in .whl/ (downloaded with `pip
 # download`, see /work/.library/device/README.md) are installed into a private folder first, and
-# the pinned flax/optax are used only if the image's own fail the smoke test.
+# the pinned flax/optax are used only if the image's own fail the smoke test. Fetch them once with
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#     ml_collections==1.1.0 flax==0.12.8 optax==0.2.8
+# and carry `.whl` with the device call (it is listed in .git/info/exclude, not committed).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -57,8 +62,13 @@ print(f"bf16 {n}^3 matmul: {2 * n**3 / dt / 1e12:.1f} TFLOP/s on {jax.devices()[
 EOF
 
 stage train_step "$TRAIN_LIMIT" python3 benchmarks/train_step.py --config="$CONFIG" \
-  --batch="${TRAIN_BATCH:-64,32}" --stop_after_first_fit --dtype=bfloat16 --frozen_dtype=bfloat16 \
+  --batch="${TRAIN_BATCH:-32,16}" --stop_after_first_fit --dtype=bfloat16 --frozen_dtype=bfloat16 \
   --attention="${TRAIN_ATTENTION:-cudnn}" --scan --steps=5 --out="$OUT/train_step.json"
+# Batch 64 needs rematerialisation on one H200 (run of 2026-11-27: ~164 GiB without it).
+[ -z "${REMAT_BATCH:-}" ] || stage train_step_remat "$TRAIN_LIMIT" python3 benchmarks/train_step.py \
+  --config="$CONFIG" --batch="$REMAT_BATCH" --stop_after_first_fit --dtype=bfloat16 \
+  --frozen_dtype=bfloat16 --attention="${TRAIN_ATTENTION:-cudnn}" --scan \
+  --remat="${REMAT_POLICY:-dots_saveable}" --steps=5 --out="$OUT/train_step_remat.json"
 [ "${SKIP_ENCODERS:-0}" = 1 ] || stage encoders "$ENCODER_LIMIT" python3 benchmarks/encoders.py \
   --towers="$TOWERS" --attention=xla,cudnn --dtype=bfloat16 --batch="${ENCODER_BATCH:-16}" \
   --iters=10 --scan --out="$OUT/encoders.json"
