@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import ln  # pylint: disable=g-import-not-at-top
 from pixel_llm import checkpoints  # pylint: disable=g-import-not-at-top
 from pixel_llm import partitioning  # pylint: disable=g-import-not-at-top
-from pixel_llm import train  # pylint: disable=g-import-not-at-top
+from pixel_llm import trainer  # pylint: disable=g-import-not-at-top
 from pixel_llm.data import pipeline  # pylint: disable=g-import-not-at-top
 from pixel_llm.models import build  # pylint: disable=g-import-not-at-top
 
@@ -41,7 +41,7 @@ def main():
   data = pipeline.prepare(config, args.workdir)
   model = build.build_model(config)
   manager = checkpoints.manager(args.workdir)
-  training = train.build_training(config, partitioning.mesh_from_config(config), jax.random.key(0))
+  training = trainer.build_training(config, partitioning.mesh_from_config(config), jax.random.key(0))
   state = checkpoints.restore(manager, training.abstract_state)[0]
   params, step = state["params"], int(state["step"])
   metrics = jax.jit(lambda p, b: model.loss_fn(p, b, jax.random.key(0), train=False)[1])

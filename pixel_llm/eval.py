@@ -8,7 +8,7 @@ r"""Evaluates a training checkpoint with the evaluators of its config (`config.e
 checkpoints/<step>/ folders. For each evaluation NAME the binary writes OUT/NAME.json (metrics and
 step) and OUT/NAME.predictions.jsonl (one line per example), OUT = --output_dir or WORKDIR/eval,
 plus TensorBoard scalars under OUT/tensorboard. The evaluators, the mesh and the parameter layout
-are the trainer's (`train.build_training`, `evaluation.run_all`), so the numbers equal those the
+are the trainer's (`trainer.build_training`, `evaluation.run_all`), so the numbers equal those the
 trainer logged at the same step (tests/test_train.py checks it).
 
 Restoring reads the whole train state (the optimizer moments of the trainable parameters too).
@@ -30,6 +30,7 @@ from pixel_llm import checkpoints
 from pixel_llm import evaluation
 from pixel_llm import partitioning
 from pixel_llm import train
+from pixel_llm import trainer
 from pixel_llm.data import pipeline
 
 
@@ -64,7 +65,7 @@ def evaluate(config, checkpoint: str, *, step: int | None = None, output_dir: st
   lead = jax.process_index() == 0
   data = pipeline.prepare(config, workdir)
   mesh = partitioning.mesh_from_config(config)
-  training = train.build_training(config, mesh, jax.random.key(config.seed))
+  training = trainer.build_training(config, mesh, jax.random.key(config.seed))
   evaluators = evaluation.build_evaluators(training.model, data, config, only)
   mgr = checkpoints.manager(workdir, asynchronous=False)
   state, _ = checkpoints.restore(mgr, training.abstract_state, step)

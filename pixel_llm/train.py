@@ -45,7 +45,6 @@ from pixel_llm.models import build
 from pixel_llm.models import pretrained
 from pixel_llm.tools import flops
 # Re-exported: callers (tests, tools) reach the step's pieces through the binary's module.
-from pixel_llm.trainer import PEAK_FLOPS, Training, build_training, check_skips, make_train_step  # pylint: disable=unused-import
 
 def _define_flags():
   """Flags are defined only when run as a binary, so `train_and_evaluate` imports cleanly."""
@@ -163,7 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      f"= {data_ways} (config.mesh {dict(mesh.shape)}) times grad_accum_steps "
                      f"{accum}.")
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  training = build_training(config, mesh, train_rng)
+  training = trainer.build_training(config, mesh, train_rng)
   info, stats = partitioning.model_info(training.boxed_params, training.param_shardings, mesh,
                                         training.labels)
   info_path = os.path.join(workdir, "model-info.txt")
@@ -232,7 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step_fn = training.compile_step(state, batch)
       state, metrics = step_fn(state, batch)
       if previous is not None:
-        check_skips(previous, max_skips)
+        trainer.check_skips(previous, max_skips)
       previous = metrics
       steps_since += 1
       if step % config.log_every_steps == 0 or step == total:
@@ -272,7 +271,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()),
                 flush=True)
   if previous is not None:
-    check_skips(previous, max_skips)
+    trainer.check_skips(previous, max_skips)
   ckpt.wait_until_finished()
 
   # ---------------------------------------------------------------------------------------------

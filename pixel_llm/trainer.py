@@ -15,16 +15,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from pixel_llm import chips
 from pixel_llm import optim
 from pixel_llm import partitioning
 from pixel_llm import sharding
 from pixel_llm.models import build
-
-# Peak dense bf16 FLOP/s per device (datasheets), by a substring of jax's device_kind; for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12,
-              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v4": 275e12,
-              "TPU v6 lite": 918e12}
-
 
 @dataclasses.dataclass
 class Training:
@@ -198,17 +193,5 @@ def peak_flops(config) -> float | None:
   """Peak dense bf16 FLOP/s of one device (config.peak_flops_per_device overrides the table)."""
   if config.get("peak_flops_per_device"):
     return float(config.peak_flops_per_device)
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
-
-
-def step_flops(compiled, accum_steps: int) -> float | None:
-  """FLOPs of one train step from XLA's cost analysis (all devices). XLA counts a loop body once,
-  so with gradient accumulation the (dominant) microbatch part is scaled by the trip count."""
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
-  except Exception:  # some backends have no cost model
-    return None
-  return flops * accum_steps * jax.device_count() if flops > 0 else None
+  device = jax.devices()[0]
+  return chips.device_spec(device)[1] if chips.lookup(device.device_kind) else None

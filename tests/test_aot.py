@@ -17,6 +17,7 @@ pytest.importorskip("libtpu", reason="AOT TPU compiles need libtpu: pip install 
                     "(the version jax 0.10.2 pins; part of the test extra)")
 
 from configs import ln
+from pixel_llm import chips
 from pixel_llm.tools import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,8 +92,8 @@ def test_chip_table_shares_hbm_between_cores():
   v4_core = aot.topology_devices("v4:2x2x1", "default")  # one device per TensorCore
   v4_chip = aot.topology_devices("v4:2x2x1")  # megacore: one device per chip
   assert (len(v4_core), len(v4_chip)) == (8, 4)
-  assert aot.chip_spec(v4_chip[0]) == (32 * aot.GIB, 275e12, 1200e9)
-  assert aot.chip_spec(v4_core[0]) == (16 * aot.GIB, 137.5e12, 600e9)
+  assert chips.device_spec(v4_chip[0]) == (32 * aot.GIB, 275e12, 1200e9)
+  assert chips.device_spec(v4_core[0]) == (16 * aot.GIB, 137.5e12, 600e9)
   assert aot.parse_mesh("data=16,fsdp=-1") == {"data": 16, "fsdp": -1}
   with pytest.raises(ValueError, match="axis=size"):
     aot.parse_mesh("data=16,fsdp")

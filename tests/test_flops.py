@@ -18,6 +18,7 @@ import jax
 import pytest
 
 from configs import common, ln
+from pixel_llm import chips
 from pixel_llm.models import build
 from pixel_llm.models import sam_image_encoder
 from pixel_llm.models import t5 as t5_lib
@@ -187,3 +188,12 @@ def test_cli_json_on_toy_config():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert set(out["components"]) == set(flops.COMPONENTS)
   assert out["train"] == pytest.approx(3 * out["forward"])  # the toy trains everything
+
+
+def test_chip_table_finds_gpus_by_substring_and_tpus_exactly():
+  assert chips.lookup("NVIDIA H200").bf16_tflops == 989
+  assert chips.lookup("NVIDIA A100-SXM4-80GB").bf16_tflops == 312
+  assert chips.lookup("TPU v5 lite").hbm_gib == 16  # v5e, not v5p's "TPU v5"
+  assert chips.lookup("TPU v7 something") is None and chips.lookup("cpu") is None
+  with pytest.raises(ValueError, match="No datasheet figures"):
+    chips.device_spec(jax.devices("cpu")[0])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pixel_llm import optim
-from pixel_llm import train
+from pixel_llm import trainer
 
 
 def _params():
@@ -69,7 +69,7 @@ def test_gradient_accumulation_is_the_mean_of_microbatch_gradients():
   schedule = lambda step: 1.0  # noqa: E731
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
            "skipped_steps": jnp.int32(0), "consecutive_skips": jnp.int32(0)}
-  step2 = jax.jit(train.make_train_step(Quadratic(), tx, schedule, labels, jax.random.key(0), 2))
+  step2 = jax.jit(trainer.make_train_step(Quadratic(), tx, schedule, labels, jax.random.key(0), 2))
   new, metrics = step2(state, batch)
   grad = lambda b: jax.grad(lambda p: Quadratic().loss_fn(p, b, None, True)[0])(params)["w"]  # noqa: E731
   halves = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in range(2)]

@@ -20,7 +20,7 @@ def _config(tmp_path):
   c.update(total_steps=12, batch_size=4, warmup_steps=2, log_every_steps=2,
            checkpoint_every_steps=6, eval_every_steps=1000)
   c.mesh = dict(data=4, fsdp=1, tensor=2)  # batch 4 on conftest's 8 devices; tensor-parallel too
-  c.peak_flops_per_device = 1e12  # CPUs have no entry in trainer.PEAK_FLOPS: MFU needs a peak
+  c.peak_flops_per_device = 1e12  # CPUs have no entry in pixel_llm.chips: MFU needs a peak
   return c
 
 

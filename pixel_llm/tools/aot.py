@@ -36,17 +36,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-GIB = 1024 ** 3
+from pixel_llm import chips
+from pixel_llm.chips import GIB
 
-# device_kind -> (HBM GiB, bf16 peak TFLOP/s, HBM GB/s, TensorCores), all per chip. A device
-# holding fewer cores than its chip (v4 without megacore) gets its share of each.
-CHIPS = {
-    "TPU v3": (32, 123, 900, 2),
-    "TPU v4": (32, 275, 1200, 2),
-    "TPU v5 lite": (16, 197, 819, 1),   # v5e
-    "TPU v5": (95, 459, 2765, 2),       # v5p
-    "TPU v6 lite": (32, 918, 1640, 1),  # v6e (Trillium)
-}
 # Chips whose pods run one device per chip (both TensorCores) by default.
 MEGACORE = ("v4", "v5p")
 
@@ -102,17 +94,6 @@ def topology_devices(topology: str, chip_config: str | None = None) -> list[Any]
                      f"{e}. Names look like v5e:16x16, v4:4x4x4, v5p:4x4x8.") from e
 
 
-def chip_spec(device: Any) -> tuple[float, float, float]:
-  """(HBM bytes, bf16 peak FLOP/s, HBM bytes/s) of one device of a topology."""
-  kind = device.device_kind
-  if kind not in CHIPS:
-    raise ValueError(f"No HBM/peak figures for device kind {kind!r}; add it to CHIPS in "
-                     f"{__file__} (known: {sorted(CHIPS)}).")
-  hbm_gib, tflops, gbps, cores = CHIPS[kind]
-  share = getattr(device, "num_cores", cores) / cores
-  return hbm_gib * GIB * share, tflops * 1e12 * share, gbps * 1e9 * share
-
-
 def compile_step(config, topology: str, mesh_shape: Mapping[str, int] | None = None,
                  batch_size: int | None = None, chip_config: str | None = None) -> dict:
   """Builds the training for `config` on `topology` and compiles its step; returns the report."""
@@ -157,7 +138,7 @@ def compile_step(config, topology: str, mesh_shape: Mapping[str, int] | None = N
 
 def _report(config, topology, mesh, device, compiled, error, timing) -> dict:
   import jax
-  hbm, peak, bandwidth = chip_spec(device)
+  hbm, peak, bandwidth = chips.device_spec(device)
   report = {
       "command": _command_line(),
       "config": config.get("name", ""), "topology": topology, "device_kind": device.device_kind,
