@@ -85,6 +85,9 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
                                                 num_groups=8) if sam == "tiny" else
                                            dict(width=256, num_top_levels=2, num_convs=4,
                                                 num_groups=32, deconv_dim=384)))
+  # Dense captioning's training prompts: the head's top N proposals matched to the GT regions
+  # (IoU >= 0.6, GT boxes appended) are captioned instead of the GT boxes; 0 = the GT boxes.
+  c.caption_proposals = 0
   return c
 
 

@@ -7,11 +7,12 @@ class-agnostic proposal head (simple feature pyramid + CenterNet heatmap / box r
 NMS (0.9) are each captioned through the prompt path (`model.dense_caption_batch`) and scored by
 the DenseCap mAP (`metrics.densecap_map`: GT merged at 0.7, IoU x METEOR grid; METEOR needs Java).
 
-Deviation from the release (stated in the README): captions are trained on the ground-truth
-region boxes as prompts (the location-conditioned captioning objective of configs/loc_caption.py)
-next to the proposal loss; the release captions proposals matched to GT regions at IoU >= 0.6
-(`pixel_llm/detection/matching.py` has that matching; it is not yet in the training step), and has
-a second-stage RoI box refinement we do not.
+Training captions proposals as the release does: the head's top `model.caption_proposals` boxes
+(NMS 0.9, no gradient) plus the GT boxes are matched to the GT regions at IoU >= 0.6, and R of the
+positives per image (in random order) are captioned with their region's caption
+(`detection/matching.select_caption_prompts`). Deviations (stated in the README): R is
+`input.num_prompts` (the release: 32 text proposals from 512 RoI samples), and there is no
+second-stage RoI box refinement.
 
 Commands:
   python -m pixel_llm.train --config=configs/vg_densecap.py --workdir=workdirs/vg_densecap
@@ -31,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   toy = c.name.endswith(":toy")
   c.name = "vg_densecap" + (":toy" if toy else "")
   c.model.proposal_head.enabled = True
+  c.model.caption_proposals = 16 if toy else 128
   c.loss.detection_weight = 1.0
   split = c.data.eval_splits[0]
   c.evals = ml_collections.ConfigDict({f"vg_densecap_{split}": {

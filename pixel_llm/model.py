@@ -94,13 +94,15 @@ class PixelLLMModel:
     """
     cfg = self.loss_config
     out, aux = self._apply(params, batch, train=train, rng=rng)
-    targets = batch["decoder_target_tokens"]
+    # Dense captioning on matched proposals: each prompt's targets are its GT region's.
+    tb = _follow_matches(batch, aux) if "prompt_gt_index" in aux else batch
+    targets = tb["decoder_target_tokens"]
     text_w = (targets > 0).astype(jnp.float32)
-    if batch.get("caption_weights") is not None:
-      text_w = text_w * batch["caption_weights"][..., None].astype(jnp.float32)
+    if tb.get("caption_weights") is not None:
+      text_w = text_w * tb["caption_weights"][..., None].astype(jnp.float32)
     ce, n_text = losses.label_smoothed_cross_entropy(out["logits"], targets, text_w,
                                                      cfg.label_smoothing)
-    l1, n_points = losses.point_l1(out["points"], batch["point_targets"], batch["point_weights"])
+    l1, n_points = losses.point_l1(out["points"], tb["point_targets"], tb["point_weights"])
     point_scale = float(self.network.image_size) if cfg.point_loss_in_pixels else 1.0
     loss = cfg.caption_weight * ce + cfg.point_weight * point_scale * l1
     metrics = {
@@ -233,3 +235,18 @@ class PixelLLMModel:
     step. Slow; the reference the cached path is tested against."""
     return decode.generate_uncached(self.network, params, batch, max_decode_len=max_decode_len,
                                     no_repeat=no_repeat)
+
+
+def _follow_matches(batch: dict[str, Any], aux: dict[str, Any]) -> dict[str, Any]:
+  """The batch's per-prompt targets re-indexed to the matched prompts (aux "prompt_gt_index"
+  int32[B, R], "prompt_valid" bool[B, R]); an invalid prompt gets caption weight 0."""
+  from pixel_llm.models import pixel_llm as network_lib
+  index, valid = aux["prompt_gt_index"], aux["prompt_valid"]
+  out = {k: network_lib.gather_prompts(batch[k], index)
+         for k in ("decoder_target_tokens", "point_targets", "point_weights")}
+  weights = batch.get("caption_weights")
+  weights = (network_lib.gather_prompts(weights, index) if weights is not None
+             else jnp.ones(index.shape, jnp.float32))
+  out["caption_weights"] = weights * valid.astype(weights.dtype)
+  out["point_weights"] = out["point_weights"] * valid[..., None].astype(out["point_weights"].dtype)
+  return out

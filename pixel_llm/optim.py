@@ -11,6 +11,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 import optax
 
 
@@ -29,40 +30,51 @@ def frozen_labels(params: Any, frozen_patterns: Sequence[str]) -> Any:
 
 def lr_multipliers(params: Any, rules: Sequence[tuple[str, float]] = (),
                    layer_decay: float = 0.0, tower: str = "eva02") -> Any:
-  """A tree of floats like `params`: the first matching `rules` regex's multiplier, times the
-  layer decay (see the module docstring) for parameters under `tower`."""
+  """A tree like `params`: the first matching `rules` regex's multiplier, times the layer decay
+  (see the module docstring) for parameters under `tower`. Leaves are floats; a scanned tower's
+  stacked leaves (`tower/blocks/...`, leading layer axis; `tower/blocks/blocks_<j>/...` for a
+  scan over groups of p blocks, layer g * p + j) get float32 arrays [G, 1, ...] of per-layer
+  rates."""
   compiled = [(re.compile(pattern), float(m)) for pattern, m in rules]
   paths = param_paths(params)
-  num_layers = 0
+  t = re.escape(tower)
+  unrolled_re = re.compile(rf"(?:^|/){t}/blocks_(\d+)/")
+  stacked_re = re.compile(rf"(?:^|/){t}/blocks/(?:blocks_(\d+)/)?")
+  num_layers, period = 0, 1
   if layer_decay:
-    blocks = {int(m.group(1)) for p in jax.tree.leaves(paths)
-              for m in [re.search(rf"(?:^|/){re.escape(tower)}/blocks_(\d+)/", p)] if m}
-    if not blocks and any(re.search(rf"(?:^|/){re.escape(tower)}/blocks/", p)
-                          for p in jax.tree.leaves(paths)):
-      raise ValueError(f"layer_decay {layer_decay} gives each block of {tower} its own rate, but "
-                       f"{tower}'s blocks are scanned (one stacked parameter per weight): set "
-                       f"--config.model.{tower}.scan_layers=False or --config.layer_decay=0.")
-    if not blocks:
-      raise ValueError(f"layer_decay {layer_decay}: no parameters match {tower}/blocks_<i>/ "
-                       "(is config.layer_decay_tower the right module?)")
-    num_layers = max(blocks) + 1
+    named = list(zip(jax.tree.leaves(paths), jax.tree.leaves(params)))
+    blocks = {int(m.group(1)) for p, _ in named for m in [unrolled_re.search(p)] if m}
+    stacked = [(m, leaf) for p, leaf in named for m in [stacked_re.search(p)] if m]
+    if blocks:
+      num_layers = max(blocks) + 1
+    elif stacked:
+      inner = {int(m.group(1)) for m, _ in stacked if m.group(1) is not None}
+      period = max(inner) + 1 if inner else 1
+      num_layers = stacked[0][1].shape[0] * period
+    else:
+      raise ValueError(f"layer_decay {layer_decay}: no parameters match {tower}/blocks_<i>/ or a "
+                       f"scanned {tower}/blocks/ (is config.layer_decay_tower the right module?)")
 
-  def multiplier(path: str) -> float:
+  def multiplier(path: str, leaf: Any) -> Any:
     m = next((mult for pattern, mult in compiled if pattern.search(path)), 1.0)
-    if layer_decay and re.search(rf"(?:^|/){re.escape(tower)}/", path):
-      block = re.search(rf"(?:^|/){re.escape(tower)}/blocks_(\d+)/", path)
-      depth = int(block.group(1)) if block else -1
-      m *= layer_decay ** (num_layers - depth)
-    return m
+    if not (layer_decay and re.search(rf"(?:^|/){t}/", path)):
+      return m
+    block, scanned = unrolled_re.search(path), stacked_re.search(path)
+    if scanned:
+      depth = np.arange(leaf.shape[0]) * period + int(scanned.group(1) or 0)
+      rates = m * layer_decay ** (num_layers - depth).astype(np.float64)
+      return rates.astype(np.float32).reshape((-1,) + (1,) * (len(leaf.shape) - 1))
+    return m * layer_decay ** (num_layers - (int(block.group(1)) if block else -1))
 
-  return jax.tree.map(multiplier, paths)
+  return jax.tree.map(multiplier, paths, params)
 
 
 def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   """Multiplies each update by its fixed multiplier (no state)."""
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, m: u * m if m != 1.0 else u, updates, multipliers), state
+    return jax.tree.map(lambda u, m: u if isinstance(m, float) and m == 1.0 else u * m,
+                        updates, multipliers), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 

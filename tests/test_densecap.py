@@ -12,6 +12,7 @@ import numpy as np
 from configs import loc_caption
 from configs import vg_densecap
 from pixel_llm import metrics
+from pixel_llm import model as model_lib
 from pixel_llm import train
 
 
@@ -66,3 +67,56 @@ def test_vg_densecap_toy_trains_detects_and_scores(tmp_path):
   references = {r["key"]: r["references"] for r in rows}
   assert got["cider"] == metrics.cider_d(predictions, references)
   assert got["bleu_4"] == metrics.bleu(predictions, references)[3]
+
+
+def test_training_captions_proposals_matched_to_the_gt_regions():
+  """model.caption_proposals: in a training forward pass every prompt box is a head proposal with
+  IoU >= 0.6 to the GT region whose caption it is trained on (or that region's own box), and the
+  targets follow; evaluation passes keep the GT boxes."""
+  import jax
+  import jax.numpy as jnp
+  from pixel_llm.detection import boxes as box_lib
+  from pixel_llm.models import build
+
+  c = vg_densecap.get_config("toy")
+  c.model.update(image_size=64, caption_proposals=8)
+  c.input.update(max_target_len=5, num_prompts=3)
+  model = build.build_model(c)
+  batch = build.example_batch(c, 2, abstract=False)
+  gt = jnp.asarray([[[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8], [0, 0, 0, 0]],
+                    [[0.0, 0.0, 1.0, 1.0], [0.2, 0.5, 0.6, 0.9], [0.5, 0.1, 0.7, 0.4]]])
+  targets = jnp.arange(2 * 3 * 5).reshape(2, 3, 5) + 3  # a distinct caption per region
+  batch.update(image=jax.random.uniform(jax.random.key(0), (2, 64, 64, 3)), prompt_boxes=gt,
+               decoder_target_tokens=targets, decoder_input_tokens=targets - 1,
+               point_weights=jnp.ones((2, 3, 5)), caption_weights=jnp.float32([[1, 1, 0],
+                                                                               [1, 1, 1]]))
+  params = jax.jit(model.init_variables)(jax.random.key(1), batch)["params"]
+
+  def forward(params, batch, rng, train):
+    return model.network.apply({"params": params}, batch["image"], batch["decoder_input_tokens"],
+                               prompt_boxes=batch["prompt_boxes"], train=train,
+                               rngs={"dropout": jax.random.split(rng)[0]})[1]  # as model._apply
+
+  @jax.jit
+  def run(params, batch, rng):  # one compile: the matched prompts and the loss, same key
+    return forward(params, batch, rng, True), model.loss_fn(params, batch, rng, train=True)
+
+  aux, (loss, metrics) = run(params, batch, jax.random.key(2))
+  index, valid, boxes = (np.asarray(aux[k]) for k in ("prompt_gt_index", "prompt_valid",
+                                                      "prompt_boxes"))
+  assert valid.sum() >= 4  # each of the 5 real regions is a candidate; 3 slots per image
+  for i in range(2):
+    for j in np.flatnonzero(valid[i]):
+      iou = box_lib.iou_matrix_np(boxes[i, j][None], np.asarray(gt[i, index[i, j]])[None])[0, 0]
+      assert iou >= 0.6 - 1e-6
+  # The targets follow the prompts: each prompt is trained on its region's caption and weight
+  # (padding regions and empty slots weigh 0), and the loss counts exactly those tokens.
+  got = model_lib._follow_matches(batch, aux)
+  np.testing.assert_array_equal(got["decoder_target_tokens"],
+                                np.take_along_axis(np.asarray(targets), index[..., None], 1))
+  expected_w = np.take_along_axis(np.float32([[1, 1, 0], [1, 1, 1]]), index, 1) * valid
+  np.testing.assert_array_equal(got["caption_weights"], expected_w)
+  assert np.isfinite(float(loss)) and float(metrics["num_text_tokens"]) == 5 * expected_w.sum()
+  # Evaluation (train=False) keeps the GT boxes: no matching (shapes only, no compile).
+  aux = jax.eval_shape(lambda p, b: forward(p, b, jax.random.key(0), False), params, batch)
+  assert "prompt_gt_index" not in aux and "proposals" in aux

@@ -1,6 +1,7 @@
 """Tests for pixel_llm.detection: boxes, NMS, proposal matching and CenterNet targets / losses."""
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -159,6 +160,31 @@ def test_matching_jnp_with_padding_and_targets():
   # The NumPy path agrees on the valid part.
   ref = matching.match_proposals_np(PROPOSALS[:4], GT[:2])
   np.testing.assert_array_equal(np.asarray(m.gt_index[:4]), ref.gt_index)
+
+
+def test_caption_prompts_are_matched_proposals_and_the_gt_boxes():
+  proposal_valid = jnp.array([[True, True, True, True, False]])
+  gt_valid = jnp.array([[True, True, False]])
+  args = (jnp.asarray(PROPOSALS)[None], proposal_valid, jnp.asarray(GT)[None], gt_valid)
+  # Positives in candidate order: proposal 0 (GT 0, IoU 0.6), proposal 2 (GT 1), then the
+  # appended GT rows 0 and 1; the invalid proposal and the padding GT row never count.
+  boxes, index, valid = matching.select_caption_prompts(*args, num_prompts=5)
+  np.testing.assert_array_equal(boxes[0, :4], np.stack([PROPOSALS[0], PROPOSALS[2], GT[0], GT[1]]))
+  np.testing.assert_array_equal(index, [[0, 1, 0, 1, 0]])
+  np.testing.assert_array_equal(valid, [[True, True, True, True, False]])  # no 5th positive
+  # At random: two of the four positives, each with its own GT index.
+  positives = {tuple(PROPOSALS[0]): 0, tuple(PROPOSALS[2]): 1, tuple(GT[0]): 0, tuple(GT[1]): 1}
+  seen = set()
+  for seed in range(6):
+    boxes, index, valid = matching.select_caption_prompts(*args, num_prompts=2,
+                                                          rng=jax.random.key(seed))
+    assert np.all(valid)
+    for box, i in zip(np.asarray(boxes[0]), np.asarray(index[0])):
+      assert positives[tuple(box)] == i
+      seen.add(tuple(box))
+  assert len(seen) > 2  # the order among positives varies with the key
+  with pytest.raises(ValueError, match="num_prompts"):
+    matching.select_caption_prompts(*args, num_prompts=9)
 
 
 def test_matching_bad_input():

@@ -7,6 +7,7 @@ import pytest
 
 from pixel_llm import optim
 from pixel_llm import trainer
+from pixel_llm.models import scan
 
 
 def _params():
@@ -26,6 +27,32 @@ def test_layer_decay_and_rules_give_the_documented_multipliers():
   assert m["location_head"]["kernel"] == 1.0
   with pytest.raises(ValueError, match="no parameters match"):
     optim.lr_multipliers(_params(), layer_decay=0.9, tower="sam")
+
+
+@pytest.mark.parametrize("period", [None, 2])
+def test_layer_decay_over_a_scanned_tower_equals_the_unrolled_rates(period):
+  """Scan over layers stacks the tower's blocks into one leaf per weight (leading layer axis; with
+  a period, groups of p blocks): each layer along that axis keeps the unrolled block's rate."""
+  w = jnp.ones((2, 3))
+  unrolled = {"eva02": {"patch_embed": {"kernel": w},
+                        **{f"blocks_{i}": {"mlp": {"kernel": w * i}} for i in range(4)}},
+              "t5": {"kernel": w}}
+  stacked = {**unrolled, "eva02": scan.stack_layers(unrolled["eva02"], "blocks_{i}", "blocks",
+                                                    period=period)}
+  want = optim.lr_multipliers(unrolled, [("^t5/", 0.1)], layer_decay=0.5)
+  got = optim.lr_multipliers(stacked, [("^t5/", 0.1)], layer_decay=0.5)
+  rows = jax.tree.map(lambda m: np.broadcast_to(np.float32(m), (2, 3)), want["eva02"])
+  rows = scan.stack_layers(rows, "blocks_{i}", "blocks", period=period)
+  for a, b in zip(jax.tree.leaves(rows), jax.tree.leaves(got["eva02"])):
+    np.testing.assert_allclose(np.broadcast_to(b, a.shape), a, rtol=1e-6)
+  assert got["eva02"]["patch_embed"]["kernel"] == 0.5 ** 5 and got["t5"]["kernel"] == 0.1
+  # The update of each stacked layer is scaled by its own rate.
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), stacked)
+  tx = optim.scale_by_tree(got)
+  updates, _ = tx.update(grads, tx.init(stacked))
+  for u, m in zip(jax.tree.leaves(updates["eva02"]["blocks"]),
+                  jax.tree.leaves(got["eva02"]["blocks"])):
+    np.testing.assert_allclose(u, 0.3 * np.broadcast_to(m, u.shape), rtol=1e-6)
 
 
 def test_multipliers_scale_the_adamw_update_like_a_learning_rate():

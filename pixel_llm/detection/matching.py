@@ -7,9 +7,11 @@ their text loss (the text loss counts only tokens > 0 of captions with class > 0
 the lower GT index. GT regions that no positive proposal picked are reported too (`gt_matched`).
 
 `match_proposals_np` is the NumPy version for host-side use; `match_proposals` is the static-shape
-jnp version for training, with padding masks for both proposals and GT regions.
+jnp version for training, with padding masks for both proposals and GT regions;
+`select_caption_prompts` picks the R matched boxes per image that the training step captions.
 
-Shape legend: N proposals, M GT regions, T caption length.
+Shape legend: B images, N proposals (K from the head + M appended GT), M GT regions, R prompts,
+T caption length.
 """
 import functools
 from typing import Any, NamedTuple
@@ -122,3 +124,48 @@ def gather_targets(match: Match, gt_classes: Array, gt_captions: Array) -> tuple
   classes = xp.where(pos, gt_classes[idx], 0)
   captions = xp.where(pos[:, None], gt_captions[idx], 0)
   return classes, captions
+
+
+def select_caption_prompts(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.Array,
+                           gt_valid: jax.Array, num_prompts: int, rng: jax.Array | None = None,
+                           threshold: float = MATCH_THRESHOLD
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Dense captioning's training prompts: proposals matched to GT regions (the release's text
+  proposals, anchor section 2.11).
+
+  The GT boxes are appended to the proposals (as the release's RoI head does), so every valid GT
+  region has a positive (itself, IoU 1). Per image, `num_prompts` candidates are kept, positives
+  first: in random order with `rng` (the release samples its RoI proposals at random), else in
+  candidate order (proposals by score, then the GT boxes). A kept positive carries its GT region's
+  caption; a slot with no positive left is invalid (its caption loss is masked).
+
+  Args:
+    proposals: float[B, K, 4] xyxy; proposal_valid: bool[B, K].
+    gt_boxes: float[B, M, 4] xyxy, same coordinates; gt_valid: bool[B, M].
+    num_prompts: R, prompts per image (<= K + M).
+    rng: optional PRNG key for the order among positives.
+    threshold: positive at IoU >= this (the release's `match_gt_thresh` 0.6).
+
+  Returns:
+    (boxes float32[B, R, 4], gt_index int32[B, R] into the M regions (0 where invalid),
+    valid bool[B, R]).
+  """
+  b, k = proposals.shape[:2]
+  m = gt_boxes.shape[1]
+  if not 0 < num_prompts <= k + m:
+    raise ValueError(f"num_prompts must be in [1, K + M = {k + m}]; got {num_prompts}.")
+  candidates = jnp.concatenate([proposals, gt_boxes], axis=1).astype(jnp.float32)  # [B, N, 4]
+  candidate_valid = jnp.concatenate([proposal_valid, gt_valid], axis=1).astype(bool)
+  match = jax.vmap(lambda c, g, cv, gv: match_proposals(
+      c, g, proposal_valid=cv, gt_valid=gv, threshold=threshold))(
+          candidates, gt_boxes, candidate_valid, gt_valid.astype(bool))
+  n = k + m
+  if rng is None:
+    order = -jnp.arange(n, dtype=jnp.float32) / n  # candidate order: higher first
+  else:
+    order = jax.random.uniform(rng, (b, n)) - 1.0  # in [-1, 0): random among equals
+  _, idx = jax.lax.top_k(match.positive.astype(jnp.float32) * 2.0 + order, num_prompts)
+  take = lambda x: jnp.take_along_axis(x, idx, axis=1)
+  valid = take(match.positive)
+  boxes = jnp.take_along_axis(candidates, idx[..., None], axis=1)
+  return boxes, jnp.where(valid, take(match.gt_index), 0), valid

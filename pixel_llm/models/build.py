@@ -47,6 +47,9 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
   segment_box = model.get("segment_box", "prompt")
   proposals = dict(model.get("proposal_head") or {})
   proposals_on = proposals.pop("enabled", False)
+  caption_proposals = int(model.get("caption_proposals", 0))
+  if caption_proposals and not proposals_on:
+    raise ValueError("model.caption_proposals needs model.proposal_head.enabled.")
   if segment_box not in ("prompt", "eos"):
     raise ValueError(f"model.segment_box must be 'prompt' or 'eos', not {segment_box!r}.")
   return PixelLLM(
@@ -68,6 +71,7 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
       segment_box=segment_box,
       proposal_head=(proposal_head_lib.ProposalHead(**_fields(proposals), dtype=dtype)
                      if proposals_on else None),
+      caption_proposals=caption_proposals,
   )
 
 

@@ -86,6 +86,10 @@ class PixelLLM(nn.Module):
   # Dense object captioning: class-agnostic proposals on the fused feature map
   # (models/proposal_head.py); the grid is treated as stride 16 (PROPOSAL_STRIDE), as the release.
   proposal_head: nn.Module | None = None
+  # Dense captioning's training prompts: > 0 captions the head's top `caption_proposals` boxes
+  # matched to the GT regions (IoU >= 0.6, GT boxes appended; the release's text proposals)
+  # instead of the GT boxes themselves. Training forward passes only.
+  caption_proposals: int = 0
   # Attention kernel of every tower: "xla" | "dot_product" | "cudnn" (see layers.ATTENTION_IMPLS).
   attention_impl: str = "xla"
 
@@ -251,19 +255,32 @@ class PixelLLM(nn.Module):
       ({"logits": [B, R, T, V], "points": [B, R, T, K, 2]},
        aux {"hidden": [B, R, T, D], "visual_tokens": [B, R, Q, D], "image_features": [B, h, w, C]},
        plus, with a mask decoder, "masks": [B, R, 4hs, 4ws] logits and "iou_predictions": [B, R]
-       for the prompt boxes)
+       for the prompt boxes; with `caption_proposals` in training, the matched prompts
+       "prompt_boxes" [B, R, 4], "prompt_gt_index" int32[B, R] (the GT region each caption target
+       comes from: gather the targets with `gather_prompts`) and "prompt_valid" bool[B, R])
     """
     b, r, t = decoder_input_tokens.shape
     feats, sam = self.encode_image(image, image_mask, train=train, return_sam=True)
+    proposals = self.proposal_head(feats) if self.proposal_head is not None else None
+    matched = {}
+    if train and self.caption_proposals and proposals is not None and prompt_boxes is not None:
+      rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+      prompt_boxes, index, valid = _caption_prompts(proposals, feats, prompt_boxes,
+                                                    self.proposal_head.strides,
+                                                    self.caption_proposals, rng)
+      decoder_input_tokens = gather_prompts(decoder_input_tokens, index)
+      prompt_text = gather_prompts(prompt_text, index) if prompt_text is not None else None
+      matched = {"prompt_gt_index": index, "prompt_valid": valid, "prompt_boxes": prompt_boxes}
     visual = self.encode_prompts(feats, boxes=prompt_boxes, points=prompt_points,
                                  point_labels=prompt_point_labels, num_prompts=r, train=train)
     encoded, mask = self.encode_prefix(visual, prompt_text, train=train)
     logits, hidden, points = self.decode(encoded, mask, decoder_input_tokens.reshape(b * r, t),
                                          train=train)
     out = {"logits": logits.reshape(b, r, t, -1), "points": points.reshape(b, r, t, *points.shape[2:])}
-    aux = {"hidden": hidden.reshape(b, r, t, -1), "visual_tokens": visual, "image_features": feats}
-    if self.proposal_head is not None:
-      aux["proposals"] = self.proposal_head(feats)
+    aux = {"hidden": hidden.reshape(b, r, t, -1), "visual_tokens": visual, "image_features": feats,
+           **matched}
+    if proposals is not None:
+      aux["proposals"] = proposals
     if self.mask_decoder is not None:
       if sam is None:
         raise ValueError("The mask decoder needs the SAM image encoder.")
@@ -289,6 +306,30 @@ def proposal_frame(features: jax.Array) -> tuple[int, int]:
   at stride 16 (EVA02's 27x27 grid at 384 px is really stride 14.2; boxes are normalised by
   this frame, so the head's stride convention does not bend them)."""
   return features.shape[1] * PROPOSAL_STRIDE, features.shape[2] * PROPOSAL_STRIDE
+
+
+def gather_prompts(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x[B, R, ...] re-indexed along the prompt axis by index int32[B, R'] -> [B, R', ...]."""
+  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, jnp.broadcast_to(index, index.shape[:2] + x.shape[2:]), axis=1)
+
+
+def _caption_prompts(proposals: dict, features: jax.Array, gt_boxes: jax.Array, strides,
+                     num_candidates: int, rng: jax.Array | None):
+  """The head's top `num_candidates` boxes (NMS 0.9, no gradient) matched to the GT regions
+  gt_boxes float[B, R, 4] (zero-area rows are padding): see `matching.select_caption_prompts`.
+  Returns (boxes float32[B, R, 4] in [0, 1], gt_index int32[B, R], valid bool[B, R])."""
+  from pixel_llm.detection import matching
+  from pixel_llm.models import proposal_head as proposal_lib
+  h, w = proposal_frame(features)
+  logits = [jax.lax.stop_gradient(x) for x in proposals["logits"]]
+  ltrb = [jax.lax.stop_gradient(x) for x in proposals["ltrb"]]
+  boxes, _, valid = proposal_lib.decode_proposals(logits, ltrb, strides, (h, w),
+                                                  post_nms_topk=num_candidates, iou_threshold=0.9)
+  boxes = boxes / jnp.asarray([w, h, w, h], jnp.float32)
+  gt_valid = (gt_boxes[..., 2] > gt_boxes[..., 0]) & (gt_boxes[..., 3] > gt_boxes[..., 1])
+  return matching.select_caption_prompts(boxes, valid, gt_boxes.astype(jnp.float32), gt_valid,
+                                         gt_boxes.shape[1], rng)
 
 
 def _eos_box(points: jax.Array, decoder_input_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
