@@ -18,6 +18,11 @@ rematerialised and elementwise work), MFU = analytic FLOPs/s over the device's p
 default the datasheet's dense bf16 rate from pixel_llm.chips), and the device's peak
 memory in use. Writes all of it with hardware, versions and the command as JSON (--out).
 
+--aot_topology=v5e:16x16 [--aot_mesh=data=1,fsdp=256,tensor=1] estimates instead of measuring: the
+same step compiled ahead of time for that TPU pod on this host (`pixel_llm.tools.aot`; libtpu, no
+TPU), reporting XLA's per-chip memory and cost-model step time, examples/s and MFU for the pod,
+labelled as model estimates in the JSON. Use it to pick meshes and remat policies at pod scale.
+
 --remat=<policy> turns on rematerialisation of every tower with that jax.checkpoint_policies
 name; --scan scans over layers (faster compiles); --attention picks layers.ATTENTION_IMPLS.
 Shape letters: B batch.
@@ -28,7 +33,10 @@ import os
 import sys
 import time
 
-import jax
+if any(a.startswith("--aot_topology") for a in sys.argv):
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only, as pixel_llm.tools.aot
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
 import hardware  # benchmarks/hardware.py (this script's folder is on sys.path)
@@ -137,6 +145,21 @@ def _is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
+def aot_estimates(config, args) -> None:
+  """The step compiled for a TPU topology on this host: XLA's estimates, one report per batch."""
+  from pixel_llm.tools import aot  # pylint: disable=g-import-not-at-top
+  record = {**hardware.environment(), "config": args.config, "dtype": args.dtype,
+            "remat": args.remat, "scan": args.scan, "aot_topology": args.aot_topology,
+            "aot_mesh": args.aot_mesh, "kind": "XLA cost-model estimate for a TPU pod (compiled "
+            "ahead of time on this host; nothing ran on a TPU)", "results": [],
+            "command": " ".join(sys.argv)}
+  for size in [int(b) for b in args.batch.split(",")]:
+    r = aot.compile_step(config, args.aot_topology, aot.parse_mesh(args.aot_mesh), size)
+    print(f"[model estimate] batch {size}\n{aot.format_report(r)}", flush=True)
+    record["results"].append(r)
+    hardware.write_json(args.out, record)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/ln.py")
@@ -150,10 +173,15 @@ def main():
   p.add_argument("--stop_after_first_fit", action="store_true",
                  help="stop at the first batch size that fits (a largest-first sweep)")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="0: the datasheet figure (pixel_llm.chips)")
+  p.add_argument("--aot_topology", default="", help="e.g. v5e:16x16: pod-scale estimates (AOT)")
+  p.add_argument("--aot_mesh", default="fsdp=-1", help="mesh for --aot_topology")
   p.add_argument("--out", default="")
   args = p.parse_args()
 
   config = apply_options(load_config(args.config), args)
+  if args.aot_topology:
+    aot_estimates(config, args)
+    return
   device = jax.devices()[0]
   peak = args.peak_tflops * 1e12 or trainer.peak_flops(config)
   model_flops = analytic_flops(config)
