@@ -56,7 +56,9 @@ def _run(params, image, boxes, prompt, text, mask):
 
 
 def _with_gate(params, value):
-  adapter = {**params["mask_adapter"], "gate": jnp.float32(value)}
+  """The adapter's gate [2, D] set to `value` (a scalar or an array of that shape)."""
+  gate = jnp.broadcast_to(jnp.float32(value), np.shape(params["mask_adapter"]["gate"]))
+  adapter = {**params["mask_adapter"], "gate": gate}
   return {**params, "mask_adapter": adapter}
 
 
@@ -109,7 +111,7 @@ def test_gate_zero_is_sam(sam):
   inputs = _inputs()
   masks, iou, aux = _run(params, *inputs)
   assert masks.shape == (B, 1, 4 * H, 4 * W) and iou.shape == (B, 1)
-  assert float(aux["gate"]) == 0.0 and np.abs(aux["update"]).max() > 0.1
+  assert np.all(aux["gate"] == 0.0) and np.abs(aux["update"]).max() > 0.1
   want_masks, want_iou = _hf(torch, ref, *inputs[:2])
   assert np.abs(want_masks).max() > 1.0 and np.abs(want_iou).max() > 0.05
   scale = float(np.abs(want_masks).max())
@@ -138,6 +140,11 @@ def test_gate_open_uses_real_text_only(sam):
   # sparse' = sparse + tanh(0.5) * update, the update being the same as at gate 0.
   np.testing.assert_allclose(aux["gate"], np.tanh(0.5), rtol=1e-6)
   np.testing.assert_array_equal(aux["update"], aux0["update"])
+  # One gate per corner token and channel: open only corner 0, channel 0 and nothing else moves.
+  one = _with_gate(params, np.pad(np.float32([[0.5]]), ((0, 1), (0, D - 1))))
+  _, _, aux1 = _run(one, image, boxes, prompt, text, mask)
+  moved = np.asarray(aux1["sparse"]) != np.asarray(aux0["sparse"])
+  assert moved[:, 0, 0].all() and moved.sum() == moved[:, 0, 0].sum()
   np.testing.assert_allclose(aux["sparse"], aux0["sparse"] + np.tanh(0.5) * aux["update"],
                              rtol=1e-6, atol=1e-6)
   assert np.abs(masks - base).max() > 1e-2
@@ -200,7 +207,7 @@ def test_logical_axes_trainable_mask_and_load_errors(sam):
   for path, leaf in flat.items():
     assert isinstance(leaf, flax.linen.LogicallyPartitioned), path
     assert len(leaf.names) == len(leaf.value.shape), path
-  assert flat["mask_adapter/gate"].value.shape == ()
+  assert flat["mask_adapter/gate"].value.shape == (2, D)  # per box corner and channel
   assert flat["mask_adapter/prompt_proj/kernel"].names == (None, "embed")
   assert flat["mask_adapter/source_embed"].names == ("tokens", "embed")
 

@@ -15,8 +15,9 @@ computed from what the language model saw: the visual prompt tokens and the text
      and instead fills post-EOS tokens with pad at inference). Their values are also zeroed before
      projection, so neither finite nor NaN garbage there can reach the output. A row whose memory is
      entirely padded (Q = 0 and all text padded) gets a zero attention output, not NaN.
-  3. Gate: sparse' = sparse + tanh(gate) * update, `gate` a scalar initialised to 0 (the release
-     uses tanh of a [2, D] alpha, also zero-initialised). At gate 0 the sum adds exactly 0.0 (the
+  3. Gate: sparse' = sparse + tanh(gate) * update, `gate` float[S, D] (one per prompt token and
+     channel, S = 2 box corners: the release's [2, D] alpha) initialised to 0. At gate 0 the sum
+     adds exactly 0.0 (the
      update is finite for finite inputs), so the path is bitwise plain SAM and training starts
      from it. tanh rather than a bare multiplier:
      identical at the start (d tanh / dg = 1 at 0) but bounded in (-1, 1), so the 10x adapter
@@ -70,7 +71,7 @@ class MaskAdapter(nn.Module):
     sparse: float[B, S, D]; prompt_tokens: float[B, Q, Dq] (Q may be 0); text: float[B, T, Dt];
     text_mask: bool[B, T] (True = real token).
     Returns (sparse' float32[B, S, D], aux {"update": float32[B, S, D] before the gate,
-    "gate": float32[] = tanh(gate)}).
+    "gate": float32[S, D] = tanh(gate)}).
     """
     d = self.width
     if sparse.ndim != 3 or sparse.shape[-1] != d:
@@ -112,8 +113,8 @@ class MaskAdapter(nn.Module):
     update = dense(d, ("embed", None), name="update_proj", **kw)(
         layer_norm(name="final_norm", **kw)(x)).astype(jnp.float32)
 
-    gate = jnp.tanh(self.param("gate", with_axes(nn.initializers.zeros_init(), ()), (),
-                               self.param_dtype).astype(jnp.float32))
+    gate = jnp.tanh(self.param("gate", with_axes(nn.initializers.zeros_init(), (None, None)),
+                               sparse.shape[1:], self.param_dtype).astype(jnp.float32))
     out = sparse.astype(jnp.float32) + gate * update
     return out, {"update": update, "gate": gate}
 
