@@ -97,3 +97,34 @@ def test_chip_table_shares_hbm_between_cores():
   assert aot.parse_mesh("data=16,fsdp=-1") == {"data": 16, "fsdp": -1}
   with pytest.raises(ValueError, match="axis=size"):
     aot.parse_mesh("data=16,fsdp")
+
+
+class _Fake:
+  def __init__(self, **kw):
+    self.__dict__.update(kw)
+
+
+def test_a_scanned_program_gets_bounds_not_a_step_time():
+  """XLA's cost model counts a scanned layer stack once, so for a scanned program the report
+  gives the compute floor and an examples/s upper bound, never an MFU (no compile: stub analyses
+  whose roofline exceeds the floor, as v5e-256's did)."""
+  config = _config()
+  config.model.t5.scan_layers = True
+  mem = _Fake(argument_size_in_bytes=1, output_size_in_bytes=1, temp_size_in_bytes=1,
+              alias_size_in_bytes=0, generated_code_size_in_bytes=1, peak_memory_in_bytes=1)
+  compiled = _Fake(memory_analysis=lambda: mem,
+                   cost_analysis=lambda: {"flops": 1e15, "bytes accessed": 1.0})
+  mesh = _Fake(devices=_Fake(size=4), shape={"data": 1, "fsdp": 4, "tensor": 1})
+  device = _Fake(device_kind="TPU v5 lite")
+  timing = {"build_and_lower_seconds": 1.0, "compile_seconds": 1.0, "compile_cpu_seconds": 1.0}
+  r = aot._report(config, "v5e:2x2", mesh, device, compiled, None, timing)
+  c = r["cost_model"]
+  assert c["roofline_seconds"] > c["model_compute_floor_seconds"] > 0
+  assert not c["step_seconds_is_estimate"] and c["mfu"] is None and c["examples_per_second"] is None
+  assert c["examples_per_second_upper_bound"] > 0
+  text = aot.format_report(r)
+  assert "no step-time estimate" in text and "each scanned stack once" in text
+  assert "MFU" not in text.replace("(100% MFU)", "")  # only the bound's label
+  config.model.t5.scan_layers = False  # unscanned: the same analyses give an estimate
+  c = aot._report(config, "v5e:2x2", mesh, device, compiled, None, timing)["cost_model"]
+  assert c["step_seconds_is_estimate"] and 0 < c["mfu"] < 1
