@@ -150,18 +150,12 @@ class PixelLLM(nn.Module):
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Class-agnostic proposals: image float32[B, S, S, 3] -> (boxes float32[B, K, 4] xyxy in
     [0, 1], scores float32[B, K], valid bool[B, K]) after NMS, K = num_boxes."""
-    from pixel_llm.models import proposal_head as proposal_lib
     if self.proposal_head is None:
       raise ValueError("detect needs a network with a proposal head "
                        "(config.model.proposal_head.enabled).")
     feats = self.encode_image(image, image_mask)
-    out = self.proposal_head(feats)
-    size = proposal_frame(feats)
-    boxes, scores, valid = proposal_lib.decode_proposals(
-        out["logits"], out["ltrb"], self.proposal_head.strides, (size[0], size[1]),
-        post_nms_topk=num_boxes, iou_threshold=iou_threshold)
-    scale = jnp.asarray([size[1], size[0], size[1], size[0]], jnp.float32)
-    return boxes / scale, scores, valid
+    return decoded_proposals(self.proposal_head(feats), feats, self.proposal_head.strides,
+                             num_boxes, iou_threshold)
 
   @_attention_scoped
   def encode_prompts(self, features: jax.Array, *, boxes: jax.Array | None = None,
@@ -314,19 +308,26 @@ def gather_prompts(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, jnp.broadcast_to(index, index.shape[:2] + x.shape[2:]), axis=1)
 
 
+def decoded_proposals(proposals: dict, features: jax.Array, strides, num_boxes: int,
+                      iou_threshold: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The proposal head's output -> its top `num_boxes` after NMS: (boxes float32[B, K, 4] xyxy
+  in [0, 1] of the proposal frame, scores float32[B, K], valid bool[B, K])."""
+  from pixel_llm.models import proposal_head as proposal_lib
+  h, w = proposal_frame(features)
+  boxes, scores, valid = proposal_lib.decode_proposals(
+      proposals["logits"], proposals["ltrb"], strides, (h, w), post_nms_topk=num_boxes,
+      iou_threshold=iou_threshold)
+  return boxes / jnp.asarray([w, h, w, h], jnp.float32), scores, valid
+
+
 def _caption_prompts(proposals: dict, features: jax.Array, gt_boxes: jax.Array, strides,
                      num_candidates: int, rng: jax.Array | None):
   """The head's top `num_candidates` boxes (NMS 0.9, no gradient) matched to the GT regions
   gt_boxes float[B, R, 4] (zero-area rows are padding): see `matching.select_caption_prompts`.
   Returns (boxes float32[B, R, 4] in [0, 1], gt_index int32[B, R], valid bool[B, R])."""
   from pixel_llm.detection import matching
-  from pixel_llm.models import proposal_head as proposal_lib
-  h, w = proposal_frame(features)
-  logits = [jax.lax.stop_gradient(x) for x in proposals["logits"]]
-  ltrb = [jax.lax.stop_gradient(x) for x in proposals["ltrb"]]
-  boxes, _, valid = proposal_lib.decode_proposals(logits, ltrb, strides, (h, w),
-                                                  post_nms_topk=num_candidates, iou_threshold=0.9)
-  boxes = boxes / jnp.asarray([w, h, w, h], jnp.float32)
+  boxes, _, valid = decoded_proposals(jax.lax.stop_gradient(proposals), features, strides,
+                                      num_candidates, 0.9)
   gt_valid = (gt_boxes[..., 2] > gt_boxes[..., 0]) & (gt_boxes[..., 3] > gt_boxes[..., 1])
   return matching.select_caption_prompts(boxes, valid, gt_boxes.astype(jnp.float32), gt_valid,
                                          gt_boxes.shape[1], rng)
