@@ -47,7 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # by image id, and only val is built).
   splits = ("val",) if toy else EVAL_SPLITS[dataset]
   c.data.update(task="refcoco", coco_captions_rate=0.0, refcoco_kind="loc",
-                refcoco_prompt_prefix="", refcoco_caption_loss=False, eval_splits=splits)
+                refcoco_prompt_prefix="", refcoco_caption_loss=False, eval_splits=splits,
+                # The release's train-time scale jitter (eval images are never jittered).
+                refcoco_scale_jitter=(0.75, 1.25))
   if not toy:
     c.data.source = "files"  # real TFRecords: see the module docstring
   c.input.max_target_len = 16 if toy else 40

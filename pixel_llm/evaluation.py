@@ -152,30 +152,43 @@ class CaptionTraceEvaluator:
 
 class ReferringEvaluator:
   """Referring localization (RefCOCO protocol): the expression is the teacher-forced decoder input
-  (`model.locate_batch`: the box read where EOS is predicted), scored against `gt_boxes` of the
+  (`model.locate_batch`: the box read where EOS is predicted; the release's evaluation, hence the
+  paper's numbers), or with expression="generated" the decoder writes it greedily from the prompt
+  and the box is read where it emits EOS (`model.locate_generated_batch`; also reports
+  generated_exact_match, the fraction written back word for word), scored against `gt_boxes` of the
   eval batches (the RefCOCO tasks' extra feature) by Precision@1 at IoU > 0.5 (strict, as the
   release) and mean IoU. Boxes are compared in the padded image's normalised frame: the resize is
   uniform, so IoU equals the IoU in original pixels. Corners are ordered before scoring."""
 
-  def __init__(self, model, data, config, *, iou_threshold: float = 0.5, split: str = "val"):
-    del config
+  def __init__(self, model, data, config, *, iou_threshold: float = 0.5, split: str = "val",
+               expression: str = "teacher_forced"):
+    if expression not in ("teacher_forced", "generated"):
+      raise ValueError(f"expression must be 'teacher_forced' or 'generated', got {expression!r}.")
     self.data = data
     self.split = split
     self.iou_threshold = iou_threshold
-    self._locate = jax.jit(model.locate_batch)
+    self.expression = expression
+    if expression == "generated":
+      self._locate = jax.jit(functools.partial(model.locate_generated_batch,
+                                               max_decode_len=int(config.input.max_target_len)))
+    else:
+      self._locate = jax.jit(lambda p, b: {"points": model.locate_batch(p, b)})
     network = model.network
-    self.segment = network.mask_decoder is not None and network.segment_box == "eos"
+    # Masks come from the teacher-forced box (segment_batch), so only that mode scores them.
+    self.segment = (network.mask_decoder is not None and network.segment_box == "eos"
+                    and expression == "teacher_forced")
     self._segment = jax.jit(model.segment_batch) if self.segment else None
 
   def run(self, params, step: int, vis_dir: str | None = None) -> tuple[dict[str, float], list]:
     del step, vis_dir
-    predicted, truth, rows, pred_masks, gt_masks = [], [], [], [], []
+    predicted, truth, rows, pred_masks, gt_masks, generated_ok = [], [], [], [], [], []
     for batch in self.data.eval_batches(self.split):
       if "gt_boxes" not in batch:
         raise ValueError("The referring evaluator needs eval batches with gt_boxes (a RefCOCO "
                          "task: config.data.task='refcoco').")
       model_batch = {k: v for k, v in batch.items() if k in pipeline.MODEL_KEYS}
-      points = np.asarray(jax.device_get(self._locate(params, model_batch)))[:, 0]  # [B, K, 2]
+      located = jax.device_get(self._locate(params, model_batch))
+      points = np.asarray(located["points"])[:, 0]  # [B, K, 2]
       if points.shape[1] != 2:
         raise ValueError(f"Referring boxes need a 2-point location head, not K={points.shape[1]}.")
       boxes = np.concatenate([points.min(1), points.max(1)], -1)  # [B, 4] x0 y0 x1 y1
@@ -193,6 +206,10 @@ class ReferringEvaluator:
                      "expression": _text(np.ravel(batch["caption"][i])[0]),
                      "box": np.round(boxes[i].astype(np.float64), 5).tolist(),
                      "gt_box": np.round(gt[i].astype(np.float64), 5).tolist()})
+        if "tokens" in located:
+          words, _ = visualize.words_from_tokens(self.data.vocab, located["tokens"][i, 0])
+          rows[-1]["generated"] = " ".join(words)
+          generated_ok.append(words == rows[-1]["expression"].split())
     if not predicted:
       return {"precision_at_0.5": 0.0, "mean_iou": 0.0, "num_expressions": 0.0}, rows
     predicted, truth = np.stack(predicted), np.stack(truth)
@@ -202,6 +219,8 @@ class ReferringEvaluator:
     result = {f"precision_at_{self.iou_threshold:g}": metrics_lib.box_precision_at(
                   predicted, truth, iou=self.iou_threshold),
               "mean_iou": float(np.mean(ious)), "num_expressions": float(len(ious))}
+    if generated_ok:  # how often the decoder wrote the query back word for word
+      result["generated_exact_match"] = float(np.mean(generated_ok))
     if self.segment:
       result.update(mask_ciou=metrics_lib.mask_ciou(pred_masks, gt_masks) if gt_masks else 0.0,
                     mask_miou=metrics_lib.mask_miou(pred_masks, gt_masks) if gt_masks else 0.0,

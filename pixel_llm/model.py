@@ -209,6 +209,26 @@ class PixelLLMModel:
     at = jnp.maximum(n - 1, 0)[..., None, None, None]
     return jnp.take_along_axis(out["points"], at, axis=2)[:, :, 0].astype(jnp.float32)
 
+  def locate_generated_batch(self, params, batch: dict[str, Any], *,
+                             max_decode_len: int) -> dict[str, jax.Array]:
+    """Referring localization with a *generated* expression: the decoder writes the expression
+    greedily from the prompt (the referring prompt holds the query) and the K points are read where
+    it emits EOS, i.e. at the input position of the last generated token (the same position the
+    teacher-forced `locate_batch` reads). With no token before EOS the first position is read.
+
+    Returns {"points": float32[B, R, K, 2] (as `locate_batch`), "tokens": int32[B, R, L] (the
+    generated expression, 0 after EOS), "eos_found": bool[B, R]}.
+    """
+    pred = self.predict_batch(params, batch, max_decode_len=max_decode_len)
+    tokens = pred["tokens"]
+    is_eos = tokens == decode.EOS_ID
+    eos_found = is_eos.any(-1)
+    # The last generated token when EOS never came (the decoder ran out of length).
+    length = jnp.where(eos_found, jnp.argmax(is_eos, -1), (tokens > 0).sum(-1))
+    at = jnp.maximum(length - 1, 0)[..., None, None, None]
+    points = jnp.take_along_axis(pred["points"], at, axis=2)[:, :, 0]
+    return {"points": points, "tokens": tokens, "eos_found": eos_found}
+
   def predict_batch(self, params, batch: dict[str, Any], *, max_decode_len: int,
                     method: str = "greedy", beam_size: int = 4, length_penalty: float = 0.6,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -83,3 +83,21 @@ def test_shapes_gradients_and_per_token_heads():
     want = np.asarray(aux["output_tokens"][:, i]) @ np.asarray(heads["kernel"][i])
     want = want + np.asarray(heads["bias"][i])
     np.testing.assert_allclose(tokens[:, i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_image_pe_in_values_adds_the_pe_to_the_image_tokens():
+  # With E == D the prompt projections are identities, so the option equals adding the PE to the
+  # dense prompt (which is added to the image tokens) with the option off.
+  b, h, w, c, s, d = 2, 3, 3, 6, 2, 16
+  kw = dict(depth=1, width=d, num_heads=2, mlp_dim=32, num_output_tokens=3, output_dim=8,
+            prompt_dim=d)
+  on, off = PromptFeatureExtractor(**kw, image_pe_in_values=True), PromptFeatureExtractor(**kw)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape), jnp.float32),
+                        flax.linen.meta.unbox(_abstract(off, b, h, w, c, s)["params"]))
+  norm = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  feats, pe, sparse, dense = norm(b, h, w, c), norm(h, w, d), norm(b, s, d), norm(b, h, w, d)
+  run = jax.jit(lambda m, dense: m.apply({"params": params}, feats, pe, sparse, dense)[0],
+                static_argnums=0)
+  np.testing.assert_allclose(run(on, dense), run(off, dense + pe), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(run(on, dense) - run(off, dense))).max() > 1e-3

@@ -38,6 +38,59 @@ def test_locate_batch_reads_the_position_that_predicts_eos():
   np.testing.assert_array_equal(points[:, 0, 0], [[3.0, 30.0], [1.0, 10.0]])
 
 
+def test_generated_expression_box_is_read_where_eos_is_emitted():
+  """locate_generated_batch: the decoder writes the expression (greedy, KV cache) and the box is
+  the one the teacher-forced read-out gives for that same expression."""
+  import jax
+  from configs import refcoco
+  from pixel_llm.models import build
+
+  c = refcoco.get_config("toy")
+  c.model.image_size = 64
+  network = build.build_network(c.model)
+  model = PixelLLMModel(network)
+  rng = np.random.default_rng(1)
+  b, t = 3, 8
+  batch = {"image": rng.random((b, 64, 64, 3), np.float32),
+           "prompt_text": rng.integers(2, 100, (b, 1, 5)).astype(np.int32),
+           "decoder_input_tokens": np.zeros((b, 1, t), np.int32)}
+  params = jax.jit(model.init_variables)(jax.random.key(0), batch)["params"]
+  # (A random network rarely emits EOS; the EOS rows are covered by the stub test below.)
+  got = jax.jit(lambda p, x: model.locate_generated_batch(p, x, max_decode_len=t))(params, batch)
+  tokens = np.asarray(got["tokens"])[:, 0]
+  assert got["points"].shape == (b, 1, 2, 2) and tokens.shape == (b, t)
+  for i in range(b):
+    eos = np.flatnonzero(tokens[i] == 1)
+    assert bool(got["eos_found"][i, 0]) == (eos.size > 0)
+    expr = tokens[i, :eos[0]] if eos.size else tokens[i]
+    n = len(expr)
+    # Teacher forcing the generated expression: inputs [BOS, expr], targets [expr, EOS].
+    tf = {"image": batch["image"][i:i + 1], "prompt_text": batch["prompt_text"][i:i + 1],
+          "decoder_input_tokens": np.zeros((1, 1, t + 1), np.int32),
+          "decoder_target_tokens": np.zeros((1, 1, t + 1), np.int32)}
+    tf["decoder_input_tokens"][0, 0, 1:n + 1] = expr
+    tf["decoder_target_tokens"][0, 0, :n] = expr
+    tf["decoder_target_tokens"][0, 0, n] = 1
+    want = np.asarray(jax.jit(model.locate_batch)(params, tf))[0, 0]
+    if n == 0:
+      continue  # EOS first: the read-out falls back to the first position (not teacher-forceable)
+    np.testing.assert_allclose(np.asarray(got["points"])[i, 0], want, atol=2e-5)
+
+
+def test_generated_expression_read_out_positions():
+  tokens = np.array([[[5, 6, 1, 0]], [[7, 8, 9, 4]], [[1, 0, 0, 0]]], np.int32)
+  points = np.broadcast_to(np.arange(4, dtype=np.float32)[None, None, :, None, None],
+                           (3, 1, 4, 2, 2))
+  model = PixelLLMModel(_StubNetwork())
+  model.predict_batch = lambda params, batch, max_decode_len: {"tokens": tokens,
+                                                               "points": points}
+  got = model.locate_generated_batch(None, {}, max_decode_len=4)
+  # Row 0: EOS at 2, read at token 6 (index 1); row 1: no EOS, read at the last token; row 2:
+  # EOS first, read at index 0.
+  np.testing.assert_array_equal(np.asarray(got["points"])[:, 0, 0, 0], [1.0, 3.0, 0.0])
+  np.testing.assert_array_equal(np.asarray(got["eos_found"])[:, 0], [True, False, True])
+
+
 def test_refcoco_seg_toy_trains_and_evaluates(tmp_path):
   c = refcoco_seg.get_config("toy")
   c.model.image_size = 64
@@ -47,6 +100,8 @@ def test_refcoco_seg_toy_trains_and_evaluates(tmp_path):
   c.update(total_steps=4, batch_size=4, warmup_steps=1, log_every_steps=2,
            checkpoint_every_steps=4, eval_every_steps=1000)
   c.mesh = dict(data=4, fsdp=1, tensor=2)
+  c.evals["refcoco_val_generated"] = {"kind": "referring", "split": "val",
+                                      "expression": "generated"}
   workdir = str(tmp_path / "work")
   result = train.train_and_evaluate(c, workdir)
 
@@ -70,6 +125,12 @@ def test_refcoco_seg_toy_trains_and_evaluates(tmp_path):
   np.testing.assert_allclose([r["iou"] for r in rows], ious, atol=1e-4)
   np.testing.assert_allclose(got["mean_iou"], ious.mean(), atol=1e-4)
   assert got["precision_at_0.5"] == np.mean(ious > 0.5)
+  # The generated-expression mode reads its own box and reports what it wrote.
+  gen = [json.loads(l) for l in open(os.path.join(workdir, "eval",
+                                                  "refcoco_val_generated.predictions.jsonl"))]
+  assert len(gen) == len(rows) and all("generated" in r for r in gen)
+  assert result["refcoco_val_generated"]["generated_exact_match"] == np.mean(
+      [r["generated"].split() == r["expression"].split() for r in gen])
   # Every synthetic ref has a mask; cIoU and mean IoU are fractions of the valid pixels.
   assert got["num_masks"] == got["num_expressions"]
   assert 0.0 <= got["mask_ciou"] <= 1.0 and 0.0 <= got["mask_miou"] <= 1.0

@@ -112,6 +112,8 @@ def world(tmp_path_factory):
                    "t_loco": {"kind": "loco"}}.items():
     tasks_refcoco.register_refcoco_task(name, pattern, spm, splits=("train", "testA"), **small,
                                         **kw)
+  tasks_refcoco.register_refcoco_task("t_loc_jitter", pattern, spm, splits=("train", "testA"),
+                                      scale_jitter=(0.5, 1.5), **small)
   tasks_regions.register_vg_task("t_vg", str(out / "vg_{split}.tfrecord-*"), spm,
                                  splits=("train",), **small)
   mixtures.register_trace_stage("t_trace", "t_cap", "t_ln")
@@ -182,6 +184,40 @@ def test_refcoco_box_at_eos_and_masks(world):
     assert xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1
     assert e["mask_weights"][0] == 1
   assert min(lengths) < t - 1 < max(lengths)
+
+
+def test_refcoco_scale_jitter(world):
+  """Train images are jittered (box and mask move with the image, fresh draws every epoch, the
+  same for the same seed); eval splits are not."""
+  kw = dict(split="train", shuffle=True, seed=3, num_epochs=2)
+  plain = _examples(_batches("t_loc", **{**kw, "num_epochs": 1, "shuffle": False}))
+  jittered = _examples(_batches("t_loc_jitter", **kw))
+  assert len(jittered) == 2 * len(plain)
+  again = _examples(_batches("t_loc_jitter", **kw))
+  for a, b in zip(jittered, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  sizes = set()
+  for e in jittered:
+    # The mask lies inside the (moved) box, give or take a pixel, and the box at EOS is the GT box.
+    ys, xs = np.nonzero(e["masks"][0])
+    x0, y0, x1, y1 = e["gt_boxes"][0] * S
+    assert xs.min() >= x0 - 1 and xs.max() <= x1 + 1 and ys.min() >= y0 - 1 and ys.max() <= y1 + 1
+    eos = int(np.flatnonzero(e["point_weights"][0])[0])
+    np.testing.assert_allclose(e["point_targets"][0, eos].reshape(4), e["gt_boxes"][0], atol=1e-6)
+    assert not e["image"][~e["image_mask"]].any()
+    sizes.add(int(e["image_mask"].sum()))
+  assert len(sizes) > 3  # scales vary (a plain resize gives one valid area per aspect ratio)
+  # One expression, two epochs: different draws.
+  key = lambda e: (int(e["ref_id"]), int(e["expression_id"]))  # noqa: E731
+  by_key = {}
+  for e in jittered:
+    by_key.setdefault(key(e), []).append(e["gt_boxes"][0])
+  assert any(not np.allclose(*boxes) for boxes in by_key.values() if len(boxes) == 2)
+  # Eval splits: the plain resize, bit for bit.
+  for a, b in zip(_examples(_batches("t_loc_jitter", split="testA")),
+                  _examples(_batches("t_loc", split="testA"))):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["gt_boxes"], b["gt_boxes"])
 
 
 def test_refcoco_loco(world):

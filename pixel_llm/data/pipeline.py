@@ -193,8 +193,9 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
   from pixel_llm.data import mixtures, tasks, tasks_caption, tasks_refcoco, tasks_regions
 
   d = config.data
+  jitter = tuple(d.get("refcoco_scale_jitter", ())) or None
   digest = hashlib.sha1(json.dumps([patterns, vocab_path, config.model.image_size,
-                                    list(d.prompts), d.split_sentences],
+                                    list(d.prompts), d.split_sentences, jitter],
                                    sort_keys=True).encode()).hexdigest()[:10]
   size = config.model.image_size
   if "captions" in patterns:
@@ -207,8 +208,9 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
     name = f"refcoco_{kind}_{digest}"
     tasks_refcoco.register_refcoco_task(
         name, patterns["refcoco"], vocab_path, kind=kind, image_size=size,
-        splits=("train",) + tuple(d.get("eval_splits", ("val",))), prompt_prefix=d.get("refcoco_prompt_prefix", ""),
-        caption_loss=d.get("refcoco_caption_loss", False))
+        splits=("train",) + tuple(d.get("eval_splits", ("val",))),
+        prompt_prefix=d.get("refcoco_prompt_prefix", ""),
+        caption_loss=d.get("refcoco_caption_loss", False), scale_jitter=jitter)
     return name, name
   if "vg" in patterns:
     name = f"vg_regions_{digest}"

@@ -12,6 +12,8 @@ One example per expression (every split; RefCOCO metrics count expressions), R' 
     (`tasks_common` "Box at EOS"), caption_weights 0 unless caption_loss=True;
   kind "loco" (location-conditioned captioning): prompt_boxes = the GT box, prompt_text =
     region_prompt, targets = the expression, caption loss on, no point loss.
+Train images may be scale-jittered (`scale_jitter`, the release's 0.75-1.25; box and mask move
+with the image; see `_placer`); eval splits never are.
 Extra features (dropped by Mixtures unless asked for): gt_boxes float32[R, 4] (padded frame),
 masks uint8[R, S, S] in {0, 1} (resized like the image, nearest neighbour), mask_weights
 float32[R] (0 when the record has no mask), ref_id int64[], expression_id int64[], references
@@ -24,54 +26,98 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from pixel_llm.data import preprocess, refcoco, tasks_common
+from pixel_llm.data import augment, preprocess, refcoco, tasks_common
 
 DEFAULT_SPLITS = ("train", "val", "testA", "testB")
 DEFAULT_REGION_PROMPT = "Describe the region."
 KINDS = ("loc", "loco")
 
 
-def _mask(png: tf.Tensor, height: tf.Tensor, width: tf.Tensor, extent: tf.Tensor,
-          size: int) -> tf.Tensor:
-  """1-bit PNG at image size (or b"") -> uint8[S, S] in {0, 1}, placed like `resize_and_pad`."""
+def _decode_mask(png: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+  """1-bit PNG at image size (or b"": all zero) -> uint8[H, W] in {0, 1}."""
   decoded = tf.cond(tf.strings.length(png) > 0,
                     lambda: tf.io.decode_png(png, channels=1),
                     lambda: tf.zeros(tf.stack([height, width, 1]), tf.uint8))
   decoded.set_shape([None, None, 1])
+  return tf.cast(decoded[..., 0] > 0, tf.uint8)
+
+
+def _mask(png: tf.Tensor, height: tf.Tensor, width: tf.Tensor, extent: tf.Tensor,
+          size: int) -> tf.Tensor:
+  """1-bit PNG at image size (or b"") -> uint8[S, S] in {0, 1}, placed like `resize_and_pad`."""
   new_hw = tf.cast(tf.round(extent[::-1] * size), tf.int32)
-  resized = tf.image.resize(tf.cast(decoded > 0, tf.uint8), new_hw, method="nearest")
+  resized = tf.image.resize(_decode_mask(png, height, width)[..., None], new_hw, method="nearest")
   return tf.image.pad_to_bounding_box(resized, 0, 0, size, size)[..., 0]
+
+
+def _placer(image_size: int, scale_jitter: tuple[float, float] | None):
+  """The seeded preprocessor that decodes a record's image and puts image, box and mask in the
+  padded square frame: `resize_and_pad`, or on train records with `scale_jitter` (lo, hi)
+  `augment.scale_jitter` (longer side to s * S, s ~ U[lo, hi], random crop / pad). A crop that
+  loses the referred box falls back to the plain resize. seqio runs its preprocessors after the
+  epoch repeat and draws the per-example seeds from one stream, so every epoch gets fresh draws,
+  the same for the same `seed` (and so for a resumed run)."""
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def place(ex, seed):
+    ex = tasks_common.dense(ex)
+    box = ex["box"]
+    where = ["refcoco record image/id", ex["image/id"], "ref/id", ex["ref/id"]]
+    check = tf.debugging.Assert(tf.reduce_all(box[2:] > box[:2]) & tf.reduce_all(box >= 0)
+                                & tf.reduce_all(box <= 1), ["bad box", box] + where)
+    height = tf.cast(ex["image/height"], tf.int32)
+    width = tf.cast(ex["image/width"], tf.int32)
+
+    def plain():
+      with tf.control_dependencies([check]):
+        image, image_mask, extent = preprocess.resize_and_pad(ex["image/encoded"], image_size)
+      return (image, image_mask, box * tf.tile(extent, [2]),
+              _mask(ex["mask"], height, width, extent, image_size))
+
+    def jittered():
+      with tf.control_dependencies([check]):
+        image = tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False)
+      image.set_shape([None, None, 3])
+      out = augment.scale_jitter(image, box[None], tf.zeros([0, 2]),
+                                 _decode_mask(ex["mask"], height, width)[None], seed,
+                                 min_scale=scale_jitter[0], max_scale=scale_jitter[1],
+                                 size=image_size)
+      return tf.cond(out["box_valid"][0],
+                     lambda: (out["image"], out["image_mask"], out["boxes"][0], out["masks"][0]),
+                     plain)
+
+    if scale_jitter is None:
+      image, image_mask, placed_box, mask = plain()
+    else:
+      image, image_mask, placed_box, mask = tf.cond(ex["source/split"] == "train", jittered, plain)
+    return {**ex, "image": image, "image_mask": image_mask, "placed_box": placed_box,
+            "placed_mask": mask}
+
+  return place
 
 
 def _preprocessors(vocab: seqio.SentencePieceVocabulary, name: str, kind: str, image_size: int,
                    text_field: str, caption_loss: bool, prompt_prefix: str,
-                   region_prompt: str) -> list:
+                   region_prompt: str, scale_jitter: tuple[float, float] | None) -> list:
   tokenizer = vocab.tf_tokenizer
   region_ids = tf.constant(vocab.encode(region_prompt), tf.int32)
 
   def per_expression(ds):
     def fn(ex):
-      ex = tasks_common.dense(ex)
       texts, ids = ex[f"expression/{text_field}"], ex["expression/id"]
       where = ["refcoco record image/id", ex["image/id"], "ref/id", ex["ref/id"]]
-      box = ex["box"]
       checks = [
           tf.debugging.Assert(tf.size(texts) > 0, ["no expression:"] + where),
-          tf.debugging.Assert(tf.size(texts) == tf.size(ids), ["expressions != ids:"] + where),
-          tf.debugging.Assert(tf.reduce_all(box[2:] > box[:2]) & tf.reduce_all(box >= 0)
-                              & tf.reduce_all(box <= 1), ["bad box", box] + where)]
+          tf.debugging.Assert(tf.size(texts) == tf.size(ids), ["expressions != ids:"] + where)]
       with tf.control_dependencies(checks):
-        image, image_mask, extent = preprocess.resize_and_pad(ex["image/encoded"], image_size)
-      mask = _mask(ex["mask"], tf.cast(ex["image/height"], tf.int32),
-                   tf.cast(ex["image/width"], tf.int32), extent, image_size)
-      n = tf.size(texts)
+        n = tf.size(texts)
       rep = lambda x: tf.broadcast_to(x, tf.concat([[n], tf.shape(x)], 0))  # noqa: E731
       return tf.data.Dataset.from_tensor_slices({
-          "expression": texts, "expression_id": ids, "image": rep(image),
-          "image_mask": rep(image_mask), "image_id": rep(ex["image/id"]),
-          "ref_id": rep(ex["ref/id"]), "box": rep(box * tf.tile(extent, [2])),
-          "mask": rep(mask), "mask_weight": rep(tf.cast(tf.strings.length(ex["mask"]) > 0,
-                                                        tf.float32)),
+          "expression": texts, "expression_id": ids, "image": rep(ex["image"]),
+          "image_mask": rep(ex["image_mask"]), "image_id": rep(ex["image/id"]),
+          "ref_id": rep(ex["ref/id"]), "box": rep(ex["placed_box"]),
+          "mask": rep(ex["placed_mask"]), "mask_weight": rep(tf.cast(
+              tf.strings.length(ex["mask"]) > 0, tf.float32)),
           "references": rep(texts)})
     return ds.flat_map(tasks_common.plain(fn))
 
@@ -106,7 +152,7 @@ def _preprocessors(vocab: seqio.SentencePieceVocabulary, name: str, kind: str, i
       return out
     return ds.map(tasks_common.plain(fn), num_parallel_calls=tasks_common.AUTOTUNE)
 
-  return [per_expression, to_common]
+  return [_placer(image_size, scale_jitter), per_expression, to_common]
 
 
 def register_refcoco_task(name: str, tfrecord_pattern: str | Mapping[str, str], vocab_path: str,
@@ -114,7 +160,8 @@ def register_refcoco_task(name: str, tfrecord_pattern: str | Mapping[str, str], 
                           splits: Sequence[str] = DEFAULT_SPLITS, text_field: str = "raw",
                           caption_loss: bool = False, prompt_prefix: str = "",
                           region_prompt: str = DEFAULT_REGION_PROMPT, extra_ids: int = 0,
-                          shuffle_buffer_size: int = 1000) -> seqio.Task:
+                          shuffle_buffer_size: int = 1000,
+                          scale_jitter: tuple[float, float] | None = None) -> seqio.Task:
   """Registers (or replaces) a RefCOCO-family Task (module docstring).
 
   kind: "loc" (referring localization, box at EOS) or "loco" (location-conditioned captioning).
@@ -122,7 +169,11 @@ def register_refcoco_task(name: str, tfrecord_pattern: str | Mapping[str, str], 
   text_field: "raw" (the annotators' text) or "sent" (the lower-cased, cleaned form).
   caption_loss: "loc" only; the release trains referring localization without the text loss.
   prompt_prefix: "loc" only, put before the expression in the prompt (the release: "where is ").
+  scale_jitter: (min, max) scale of the train split's images (the release: (0.75, 1.25)); None
+    resizes every split plainly. Eval splits are never jittered.
   """
+  if scale_jitter is not None and not 0 < scale_jitter[0] <= scale_jitter[1]:
+    raise ValueError(f"scale_jitter must be (min, max) with 0 < min <= max, got {scale_jitter}")
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
   if text_field not in ("raw", "sent"):
@@ -130,10 +181,10 @@ def register_refcoco_task(name: str, tfrecord_pattern: str | Mapping[str, str], 
   for split in splits:
     refcoco.check_split(split)
   vocab = seqio.SentencePieceVocabulary(vocab_path, extra_ids=extra_ids)
-  source = seqio.TFExampleDataSource(tasks_common.split_patterns(tfrecord_pattern, splits),
-                                     refcoco.feature_description())
+  source = tasks_common.SplitTaggedSource(tasks_common.split_patterns(tfrecord_pattern, splits),
+                                          refcoco.feature_description())
   return tasks_common.add_task(
       name, source, vocab,
       _preprocessors(vocab, name, kind, image_size, text_field, caption_loss, prompt_prefix,
-                     region_prompt),
+                     region_prompt, None if scale_jitter is None else tuple(scale_jitter)),
       image_size, shuffle_buffer_size)

@@ -45,6 +45,10 @@ class PromptFeatureExtractor(nn.Module):
   output_dim: int = 1024
   prompt_dim: int = 256
   attention_downsample_rate: int = 2
+  # Off in the release (SAM's convention: the dense PE enters attention keys only). On, the PE is
+  # also added to the image tokens themselves, so what a visual token reads says where it was read:
+  # a deviation for networks whose towers carry little absolute position (the from-scratch toys).
+  image_pe_in_values: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -71,6 +75,8 @@ class PromptFeatureExtractor(nn.Module):
     src = proj("image_projection_mlp")(image_features)
     src = src + prompt_proj(dense)
     pos = image_pe_proj(image_pe)
+    if self.image_pe_in_values:
+      src = src + pos.astype(src.dtype)
 
     out_tokens = self.param(
         "output_tokens", layers.with_axes(nn.initializers.normal(1.0), ("tokens", "embed")),
