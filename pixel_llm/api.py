@@ -263,6 +263,13 @@ def _predict(network, params, batch, *, max_decode_len, method, beam_size):
                                               method=method, beam_size=beam_size)
 
 
+@functools.partial(jax.jit, static_argnames=("network", "max_decode_len"))
+def _locate_generated(network, params, batch, *, max_decode_len):
+  from pixel_llm.model import PixelLLMModel
+  return PixelLLMModel(network).locate_generated_batch(params, batch,
+                                                       max_decode_len=max_decode_len)
+
+
 @functools.partial(jax.jit, static_argnames=("network",))
 def _forward(network, params, batch):
   keys = ("prompt_boxes", "prompt_text", "image_mask")
@@ -380,7 +387,8 @@ class PixelLLM:
         })
     return results
 
-  def locate(self, image, query: str, *, mask: bool = False, prompt: str | None = None):
+  def locate(self, image, query: str, *, mask: bool = False, prompt: str | None = None,
+             generate: bool = False):
     """The box of the object `query` refers to, in pixels of the original image: [x0, y0, x1, y1]
     (K = 2; [x, y] for a one-point location head); with `mask` also its segmentation.
 
@@ -389,6 +397,9 @@ class PixelLLM:
     referring-localisation convention (models/pixel_llm.py). The prompt text is `prompt`, else the
     training prompt of the checkpoint's task (for RefCOCO "loc": [prefix] + the query, as
     `data/tasks_refcoco.py`; otherwise the captioning prompt).
+    With `generate`, the decoder instead writes the expression itself from that prompt (greedy)
+    and the box is read where it emits EOS; the result is then {"box": [...], "expression": the
+    words it wrote}. The release's evaluation, and so the paper's RefCOCO numbers, teacher-force.
 
     Args:
       mask: also segment it (SAM's mask decoder prompted with this box; a network with a mask
@@ -400,6 +411,9 @@ class PixelLLM:
     from pixel_llm import api_tasks
     if isinstance(image, (list, tuple)):
       raise InputError("locate takes one image.")
+    if mask and generate:
+      raise InputError("locate: mask=True segments the teacher-forced box; use one of mask / "
+                       "generate.")
     if mask:  # before reading anything: the checkpoint cannot do it at all
       api_tasks.check_segmentation(self.network)
     ids = self._query_ids(query)
@@ -407,7 +421,7 @@ class PixelLLM:
     (im,), _ = self._images([image])
     if mask:
       return api_tasks.locate_with_mask(self, im, ids, prompt)
-    return self._locate_image(im, ids, prompt)
+    return self._locate_image(im, ids, prompt, generate=generate)
 
   def describe(self, image, box, *, method: str = "greedy", beam_size: int = 4,
                max_len: int | None = None, prompt: str | None = None) -> dict[str, Any]:
@@ -456,7 +470,8 @@ class PixelLLM:
       raise InputError(f"The query has {len(ids)} tokens; this model reads at most {t - 1}.")
     return ids
 
-  def _locate_image(self, im: _Image, ids: list[int], prompt: str | None = None) -> list[float]:
+  def _locate_image(self, im: _Image, ids: list[int], prompt: str | None = None, *,
+                    generate: bool = False):
     t = int(self.config.input.max_target_len)
     # Padding after the query cannot change its positions: the decoder is causal.
     tokens = np.zeros((1, 1, t), np.int32)
@@ -465,6 +480,12 @@ class PixelLLM:
     batch = {"image": im.pixels[None].astype(np.float32) / 255.0, "image_mask": im.mask[None],
              "prompt_boxes": np.array([[[0.0, 0.0, 1.0, 1.0]]], np.float32),
              "prompt_text": text[None, None], "decoder_input_tokens": tokens}
+    if generate:
+      from pixel_llm import visualize
+      got = _locate_generated(self.network, self.params, batch, max_decode_len=t)
+      words, _ = visualize.words_from_tokens(self.vocab, np.asarray(got["tokens"])[0, 0])
+      loc = self._location(np.asarray(got["points"])[0, 0], im)
+      return {**loc, "expression": " ".join(words)}
     points = np.asarray(_forward(self.network, self.params, batch)["points"])[0, 0, len(ids)]
     loc = self._location(points, im)
     return next(iter(loc.values()))

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="Default: locate with --query, else caption.")
   p.add_argument("--mask", action="store_true",
                  help="--task=locate: also segment (a checkpoint of configs/refcoco_seg.py).")
+  p.add_argument("--generate_expression", action="store_true",
+                 help="--task=locate: the decoder writes the expression from the prompt and the "
+                      "box is read where it emits EOS (default: teacher-forced, as the paper).")
   p.add_argument("--max_boxes", type=int, default=20, help="--task=dense_caption: boxes at most.")
   p.add_argument("--min_score", type=float, default=0.0,
                  help="--task=dense_caption: the lowest proposal score kept.")
@@ -102,6 +105,8 @@ def _usage_error(args) -> str | None:
     return "--task=dense_caption takes no --box: it finds the boxes"
   if args.mask and task != "locate":
     return f"--mask is for --task=locate, not --task={task}"
+  if args.generate_expression and (task != "locate" or args.mask):
+    return "--generate_expression is for --task=locate without --mask"
   if args.max_boxes < 1:
     return f"--max_boxes must be at least 1, got {args.max_boxes}"
   if not np.isfinite(args.min_score):
@@ -166,9 +171,12 @@ def run(args) -> int:
         if args.mask:
           f.write(json.dumps(_locate_with_mask(model, image, query_ids, prompt, args, png)) + "\n")
           continue
-        box = model._locate_image(image, query_ids, prompt)
+        got = model._locate_image(image, query_ids, prompt, generate=args.generate_expression)
+        box = next(iter(got.values())) if isinstance(got, dict) else got
         record = {"image": image.name, "query": args.query,
                   ("box" if len(box) == 4 else "point"): box}
+        if isinstance(got, dict):
+          record["expression"] = got["expression"]
         f.write(json.dumps(record) + "\n")
         xy = np.asarray(box, np.float32).reshape(-1, 2) / np.array([image.w, image.h])
         visualize.save_caption_png(png, image.content, [args.query], xy[None],

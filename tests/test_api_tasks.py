@@ -230,6 +230,12 @@ def test_infer_runs_each_task(tmp_path, seg_dir, dense_dir, seg, dense, image_pa
   assert line["mask_area"] == int(want["mask"].sum())
   assert np.asarray(Image.open(tmp_path / "loc" / "scene.png")).std() > 10
 
+  assert run(seg_dir, "gen", "--query=the red ball", "--generate_expression") == 0
+  (line,) = [json.loads(l) for l in open(tmp_path / "gen" / "predictions.jsonl")]
+  want = seg.locate(image_path, "the red ball", generate=True)
+  np.testing.assert_allclose(line["box"], want["box"], atol=1e-3)
+  assert line["expression"] == want["expression"]
+
   assert run(dense_dir, "dense", "--task=dense_caption", "--max_boxes=5") == 0
   (line,) = [json.loads(l) for l in open(tmp_path / "dense" / "predictions.jsonl")]
   assert line["regions"] == json.loads(json.dumps(dense.dense_caption(image_path, max_boxes=5)))

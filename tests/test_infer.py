@@ -144,6 +144,14 @@ def test_locate_returns_a_box_inside_the_image(tmp_path, model):
   assert 0 <= x0 <= x1 <= 90 and 0 <= y0 <= y1 <= 40
   # The location is read at the query's last token: another query moves it.
   assert not np.allclose(box, model.locate(paths[0], "a blue square"))
+  # Generated expression (tests/test_referring.py checks the read-out position): a box in the
+  # image and the words written.
+  got = model.locate(paths[0], "the red ball", generate=True)
+  assert set(got) == {"box", "expression"} and isinstance(got["expression"], str)
+  x0, y0, x1, y1 = got["box"]
+  assert 0 <= x0 <= x1 <= 90 and 0 <= y0 <= y1 <= 40
+  with pytest.raises(ValueError, match="one of mask / generate"):
+    model.locate(paths[0], "the red ball", mask=True, generate=True)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, model):
