@@ -106,9 +106,8 @@ def _xla_step_flops(compiled) -> float | None:
   XLA counts a loop body once, so with scan over layers this is far below the real count (the
   analytic figure is the MFU numerator)."""
   try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
+    from pixel_llm.tools import aot  # pylint: disable=g-import-not-at-top
+    flops = float(aot.cost_analysis(compiled).get("flops", 0.0))
   except Exception:  # pylint: disable=broad-except
     return None
   return flops * jax.device_count() if flops > 0 else None

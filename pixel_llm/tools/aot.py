@@ -136,6 +136,14 @@ def compile_step(config, topology: str, mesh_shape: Mapping[str, int] | None = N
   return _report(config, topology, mesh, devices[0], compiled, error, timing)
 
 
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of a compiled program as one dict (jax returns a dict, older versions a
+  one-element list): "flops", "bytes accessed", "optimal_seconds", ... of the per-device program.
+  XLA counts a loop body (e.g. a scanned layer stack) once."""
+  cost = compiled.cost_analysis()
+  return dict(cost[0] if isinstance(cost, (list, tuple)) else cost or {})
+
+
 def _report(config, topology, mesh, device, compiled, error, timing) -> dict:
   import jax
   hbm, peak, bandwidth = chips.device_spec(device)
@@ -169,8 +177,7 @@ def _report(config, topology, mesh, device, compiled, error, timing) -> dict:
   # Donated state is both argument and output: aliased bytes count once.
   memory["total_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
                            - memory["alias_bytes"] + memory["temp_bytes"] + memory["code_bytes"])
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = cost_analysis(compiled)
   flops = float(cost.get("flops", 0.0))  # of the per-device (SPMD-partitioned) program
   accessed = float(cost.get("bytes accessed", 0.0))
   # XLA's optimal_seconds is negative (unknown) for many sharded programs; then the roofline of
