@@ -20,7 +20,9 @@ Commands:
   python -m pixel_llm.eval --config=configs/refcoco.py:toy --checkpoint=workdirs/refcoco_toy
 The toy trains the tiny network from scratch on the synthetic world's RefCOCO-format refs (written
 and built on first use; expressions such as "the red circle left of the square"), 128-px images,
-batch 16; see the README for what it reaches and how long it takes on 2 CPU cores.
+batch 16, lr 3e-4, with the release's scale jitter; see the README ("Downstream toys") for what it
+reaches (far below the paper's regime: the box path learns slowly) and how long it takes on 2 CPU
+cores. Evaluation specs take expression="generated" to let the decoder write the expression.
 Variants: dataset=<refcoco|refcoco+|refcocog> (its eval splits: RefCOCO/+ val, testA, testB; RefCOCOg
 val, test), and as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
 """
