@@ -167,7 +167,6 @@ class ReferringEvaluator:
     self.data = data
     self.split = split
     self.iou_threshold = iou_threshold
-    self.expression = expression
     if expression == "generated":
       self._locate = jax.jit(functools.partial(model.locate_generated_batch,
                                                max_decode_len=int(config.input.max_target_len)))

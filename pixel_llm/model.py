@@ -221,10 +221,11 @@ class PixelLLMModel:
     """
     pred = self.predict_batch(params, batch, max_decode_len=max_decode_len)
     tokens = pred["tokens"]
-    is_eos = tokens == decode.EOS_ID
-    eos_found = is_eos.any(-1)
-    # The last generated token when EOS never came (the decoder ran out of length).
-    length = jnp.where(eos_found, jnp.argmax(is_eos, -1), (tokens > 0).sum(-1))
+    eos_found = (tokens == decode.EOS_ID).any(-1)
+    # The expression ends at the first EOS (or a 0, which a decoder could emit), else it runs to
+    # the decoder's length.
+    stop = (tokens == decode.EOS_ID) | (tokens == 0)
+    length = jnp.where(stop.any(-1), jnp.argmax(stop, -1), tokens.shape[-1])
     at = jnp.maximum(length - 1, 0)[..., None, None, None]
     points = jnp.take_along_axis(pred["points"], at, axis=2)[:, :, 0]
     return {"points": points, "tokens": tokens, "eos_found": eos_found}

@@ -78,17 +78,17 @@ def test_generated_expression_box_is_read_where_eos_is_emitted():
 
 
 def test_generated_expression_read_out_positions():
-  tokens = np.array([[[5, 6, 1, 0]], [[7, 8, 9, 4]], [[1, 0, 0, 0]]], np.int32)
+  tokens = np.array([[[5, 6, 1, 0]], [[7, 8, 9, 4]], [[1, 0, 0, 0]], [[7, 0, 9, 4]]], np.int32)
   points = np.broadcast_to(np.arange(4, dtype=np.float32)[None, None, :, None, None],
-                           (3, 1, 4, 2, 2))
+                           (4, 1, 4, 2, 2))
   model = PixelLLMModel(_StubNetwork())
   model.predict_batch = lambda params, batch, max_decode_len: {"tokens": tokens,
                                                                "points": points}
   got = model.locate_generated_batch(None, {}, max_decode_len=4)
   # Row 0: EOS at 2, read at token 6 (index 1); row 1: no EOS, read at the last token; row 2:
-  # EOS first, read at index 0.
-  np.testing.assert_array_equal(np.asarray(got["points"])[:, 0, 0, 0], [1.0, 3.0, 0.0])
-  np.testing.assert_array_equal(np.asarray(got["eos_found"])[:, 0], [True, False, True])
+  # EOS first, read at index 0; row 3: a 0 emitted at index 1 ends the expression there.
+  np.testing.assert_array_equal(np.asarray(got["points"])[:, 0, 0, 0], [1.0, 3.0, 0.0, 0.0])
+  np.testing.assert_array_equal(np.asarray(got["eos_found"])[:, 0], [True, False, True, False])
 
 
 def test_refcoco_seg_toy_trains_and_evaluates(tmp_path):
