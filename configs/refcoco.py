@@ -50,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   splits = ("val",) if toy else EVAL_SPLITS[dataset]
   c.data.update(task="refcoco", coco_captions_rate=0.0, refcoco_kind="loc",
                 refcoco_prompt_prefix="", refcoco_caption_loss=False, eval_splits=splits,
+                # > 0: train jointly with box -> expression (loc : loco = 1 : rate).
+                refcoco_loco_rate=0.0,
                 # The release's train-time scale jitter (eval images are never jittered).
                 refcoco_scale_jitter=(0.75, 1.25))
   if not toy:

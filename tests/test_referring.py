@@ -192,3 +192,37 @@ def test_eos_box_prompts_sam_and_a_closed_gate_is_plain_sam():
                    is_leaf=lambda x: hasattr(x, "unbox")))
   assert np.abs(np.asarray(grads["mask_adapter"]["gate"])).max() > 0
   assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads["location_head"])) == 0.0
+
+
+def test_joint_loc_loco_mixture_through_the_pipeline(tmp_path):
+  """`data.refcoco_loco_rate`: referring localization batches mix with location-conditioned
+  captioning of the same refs (each example with its own task mask); evaluation stays "loc"."""
+  import pytest
+  from configs import refcoco
+  from pixel_llm.data import pipeline
+  c = refcoco.get_config("toy")
+  c.model.image_size = 64
+  c.data.update(root=str(tmp_path / "world"), num_train_images=8, num_val_images=3,
+                image_size=64, eval_batch_size=4, refcoco_loco_rate=1.0)
+  c.input.update(max_target_len=12, max_context_len=12)
+  c.batch_size = 8
+  data = pipeline.prepare(c)
+  batches = data.train_batches()
+  by_kind = {"loc": [], "loco": []}
+  for _ in range(4):
+    b = next(batches)
+    for i, task in enumerate(b["task"]):
+      by_kind[task.decode().split("_")[1]].append({k: v[i] for k, v in b.items()})
+  assert all(len(v) >= 4 for v in by_kind.values()), {k: len(v) for k, v in by_kind.items()}
+  for e in by_kind["loc"]:
+    np.testing.assert_allclose(e["prompt_boxes"], [[0, 0, 1, 1]])  # the expression is the prompt
+    assert e["caption_weights"][0] == 0 and e["point_weights"][0].sum() == 1
+  for e in by_kind["loco"]:
+    assert (e["prompt_boxes"][0] != [0, 0, 1, 1]).any()  # the box is the prompt
+    assert e["caption_weights"][0] == 1 and not e["point_weights"].any()
+  evals = next(data.eval_batches("val"))
+  assert {t.decode().split("_")[1] for t in evals["task"]} == {"loc"}
+
+  c.data.refcoco_kind = "loco"
+  with pytest.raises(ValueError, match="needs refcoco_kind='loc'"):
+    pipeline.prepare(c)

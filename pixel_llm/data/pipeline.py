@@ -9,7 +9,8 @@
   "refcoco"   referring localization (`tasks_refcoco`, kind `config.data.refcoco_kind`: "loc" =
               expression prompt, box as 2 points where EOS is predicted; "loco" = GT box prompt,
               expression target) on records of `python -m pixel_llm.data.build refcoco`; eval on
-              the val split (`configs/refcoco.py`).
+              the val split (`configs/refcoco.py`). `config.data.refcoco_loco_rate` r > 0 trains
+              "loc" jointly with "loco" (loc : loco = 1 : r, one Mixture); eval stays "loc".
   "vg"        location-conditioned captioning of Visual Genome regions (`tasks_regions`:
               `config.input.num_prompts` regions per image, GT box prompt -> phrase) on records
               of `python -m pixel_llm.data.build vg` (`configs/loc_caption.py`).
@@ -195,7 +196,8 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
   d = config.data
   jitter = tuple(d.get("refcoco_scale_jitter", ())) or None
   digest = hashlib.sha1(json.dumps([patterns, vocab_path, config.model.image_size,
-                                    list(d.prompts), d.split_sentences, jitter],
+                                    list(d.prompts), d.split_sentences, jitter,
+                                    d.get("refcoco_loco_rate", 0.0)],
                                    sort_keys=True).encode()).hexdigest()[:10]
   size = config.model.image_size
   if "captions" in patterns:
@@ -205,13 +207,28 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
     return name, name
   if "refcoco" in patterns:
     kind = d.get("refcoco_kind", "loc")
-    name = f"refcoco_{kind}_{digest}"
-    tasks_refcoco.register_refcoco_task(
-        name, patterns["refcoco"], vocab_path, kind=kind, image_size=size,
-        splits=("train",) + tuple(d.get("eval_splits", ("val",))),
-        prompt_prefix=d.get("refcoco_prompt_prefix", ""),
-        caption_loss=d.get("refcoco_caption_loss", False), scale_jitter=jitter)
-    return name, name
+    loco_rate = d.get("refcoco_loco_rate", 0.0)
+    if loco_rate and kind != "loc":
+      raise ValueError("config.data.refcoco_loco_rate mixes location-conditioned captioning into "
+                       f"referring localization; it needs refcoco_kind='loc', not {kind!r}.")
+
+    def register(kind, caption_loss):
+      name = f"refcoco_{kind}_{digest}"
+      tasks_refcoco.register_refcoco_task(
+          name, patterns["refcoco"], vocab_path, kind=kind, image_size=size,
+          splits=("train",) + tuple(d.get("eval_splits", ("val",))),
+          prompt_prefix=d.get("refcoco_prompt_prefix", ""), caption_loss=caption_loss,
+          scale_jitter=jitter)
+      return name
+
+    name = register(kind, d.get("refcoco_caption_loss", False))
+    if not loco_rate:
+      return name, name
+    # The paper's joint referring stage: box -> expression examples beside expression -> box ones
+    # (loc : loco = 1 : rate); evaluation stays referring localization.
+    mixture = f"refcoco_joint_{digest}"
+    mixtures.register_mixture(mixture, [(name, 1.0), (register("loco", True), loco_rate)])
+    return mixture, name
   if "vg" in patterns:
     name = f"vg_regions_{digest}"
     tasks_regions.register_vg_task(name, patterns["vg"], vocab_path, image_size=size,
