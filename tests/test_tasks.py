@@ -29,7 +29,7 @@ VG = [  # image id, (w, h), regions (box normalised xyxy, phrase, id)
     ("7", (40, 20), [((0.0, 0.0, 0.5, 0.5), "a red circle", 70),
                      ((0.5, 0.5, 1.0, 1.0), "blue square", 71),
                      ((0.1, 0.2, 0.3, 0.4), "a star", 72)]),
-    ("8", (20, 40), [((0.25, 0.5, 0.75, 1.0), "green ring on the left", 80)]),
+    ("8", (20, 40), [((0.0, 0.5, 0.5, 1.0), "green ring on the left", 80)]),
     ("9", (20, 20), []),  # no regions: skipped
 ]
 
@@ -116,6 +116,10 @@ def world(tmp_path_factory):
                                       scale_jitter=(0.5, 1.5), **small)
   tasks_regions.register_vg_task("t_vg", str(out / "vg_{split}.tfrecord-*"), spm,
                                  splits=("train",), **small)
+  vg_train = str(out / "vg_train.tfrecord-*")
+  for name, kw in {"t_vg_flip": {"flip": True},
+                   "t_vg_aug": {"flip": True, "scale_jitter": (0.3, 1.8)}}.items():
+    tasks_regions.register_vg_task(name, {"train": vg_train, "val": vg_train}, spm, **small, **kw)
   mixtures.register_trace_stage("t_trace", "t_cap", "t_ln")
   mixtures.register_mixture("t_joint", [("t_loc_cap", 1), ("t_vg", 1)])
   return seqio.SentencePieceVocabulary(spm), out
@@ -247,6 +251,40 @@ def _check_vg(vocab, examples, r, t):
       assert e["caption"][k].decode() == phrase
     assert not e["point_weights"].any()
     assert not e["decoder_target_tokens"][len(kept):].any()
+
+
+def test_vg_flip_and_scale_jitter(world):
+  """VG train augmentation: a mirrored image mirrors its boxes and swaps left/right in the
+  phrases; jittered boxes stay in the image's valid area; the val split is the plain task's."""
+  vocab, _ = world
+  kw = dict(r=3, t=10, shuffle=True, seed=4, num_epochs=12)
+  flips = []
+  for e in _examples(_batches("t_vg_flip", **kw)):
+    if e["image_id"] == b"8":
+      flipped = e["prompt_boxes"][0, 0] > 0.2  # (0, .5, .5, 1) * extent (.5, 1) mirrors to x0 .25
+      want_box = [0.25, 0.5, 0.5, 1.0] if flipped else [0.0, 0.5, 0.25, 1.0]
+      np.testing.assert_allclose(e["prompt_boxes"][0], want_box, atol=1e-6)
+      side = "right" if flipped else "left"
+      assert e["caption"][0].decode() == f"green ring on the {side}"
+      ids = vocab.encode(f"green ring on the {side}")
+      assert e["decoder_target_tokens"][0, :len(ids)].tolist() == ids
+      flips.append(bool(flipped))
+  assert len(flips) == 12 and 0 < sum(flips) < 12
+  aug = _examples(_batches("t_vg_aug", **kw))
+  assert aug and len({int(e["image_mask"].sum()) for e in aug}) > 3  # the scale varies
+  for e in aug:
+    valid = e["caption_weights"] > 0
+    boxes = e["prompt_boxes"][valid]
+    assert (boxes[:, 2:] > boxes[:, :2]).all()
+    ys, xs = np.nonzero(e["image_mask"])
+    assert (boxes[:, 2] <= (xs.max() + 1) / S + 1e-6).all()
+    assert (boxes[:, 3] <= (ys.max() + 1) / S + 1e-6).all()
+    assert set(e["region_ids"][valid].tolist()) <= {70, 71, 72, 80}
+  again = _examples(_batches("t_vg_aug", **kw))
+  for a, b in zip(aug, again, strict=True):
+    np.testing.assert_array_equal(a["prompt_boxes"], b["prompt_boxes"])
+    np.testing.assert_array_equal(a["image"], b["image"])
+  _check_vg(vocab, _examples(_batches("t_vg_aug", r=3, t=10, split="val")), 3, 10)
 
 
 def test_joint_mixture_batches_all_kinds(world):

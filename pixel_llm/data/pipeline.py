@@ -13,7 +13,8 @@
               "loc" jointly with "loco" (loc : loco = 1 : r, one Mixture); eval stays "loc".
   "vg"        location-conditioned captioning of Visual Genome regions (`tasks_regions`:
               `config.input.num_prompts` regions per image, GT box prompt -> phrase) on records
-              of `python -m pixel_llm.data.build vg` (`configs/loc_caption.py`).
+              of `python -m pixel_llm.data.build vg` (`configs/loc_caption.py`); train images
+              augmented by `config.data.vg_scale_jitter` (min, max) and `vg_flip`.
 `config.data.source`:
   "synthetic"  generate the synthetic world once into a cache (LN format, plus the COCO-captions
                and WebLI formats when the task needs them), build its TFRecords with the same
@@ -197,7 +198,8 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
   jitter = tuple(d.get("refcoco_scale_jitter", ())) or None
   digest = hashlib.sha1(json.dumps([patterns, vocab_path, config.model.image_size,
                                     list(d.prompts), d.split_sentences, jitter,
-                                    d.get("refcoco_loco_rate", 0.0)],
+                                    d.get("refcoco_loco_rate", 0.0),
+                                    list(d.get("vg_scale_jitter", ())), d.get("vg_flip", False)],
                                    sort_keys=True).encode()).hexdigest()[:10]
   size = config.model.image_size
   if "captions" in patterns:
@@ -232,7 +234,9 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
   if "vg" in patterns:
     name = f"vg_regions_{digest}"
     tasks_regions.register_vg_task(name, patterns["vg"], vocab_path, image_size=size,
-                                   splits=("train",) + tuple(d.get("eval_splits", ("val",))))
+                                   splits=("train",) + tuple(d.get("eval_splits", ("val",))),
+                                   scale_jitter=tuple(d.get("vg_scale_jitter", ())) or None,
+                                   flip=d.get("vg_flip", False))
     return name, name
   if "coco_captions" not in patterns:
     return None, patterns["ln"]
