@@ -48,7 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.num_prompts = 4 if toy else 16
   else:
     c.data.update(task="refcoco", refcoco_kind="loco", refcoco_prompt_prefix="",
-                  refcoco_caption_loss=True, eval_splits=splits)
+                  refcoco_caption_loss=True, eval_splits=splits,
+                  # The release jitters every RefCOCO-family train image (eval never).
+                  refcoco_scale_jitter=(0.75, 1.25))
   c.data.coco_captions_rate = 0.0
   if not toy:
     c.data.source = "files"  # real TFRecords: see the module docstring
