@@ -50,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # PIXEL_LLM_COCO_CAPTIONS_TFRECORDS). The toy stays LN-only (its README figures are LN-only).
   c.data = dict(task="ln", source="synthetic" if a.toy else "ln", root="", tfrecords="", vocab="",
                 coco_captions_tfrecords="", coco_captions_rate=0.0 if a.toy else 1.0,
+                # The release's COCO-captions train jitter (LN images are not jittered).
+                coco_captions_scale_jitter=() if a.toy else (0.75, 1.25),
                 num_train_images=2000, num_val_images=64, image_size=c.model.image_size, seed=0,
                 prompts=("Describe the image in detail.",), split_sentences=False,
                 eval_batch_size=32 if a.toy else 64)

@@ -104,6 +104,9 @@ def world(tmp_path_factory):
   small = {"image_size": S, "shuffle_buffer_size": 16}  # a full buffer is read before the first
   tasks_caption.register_caption_task("t_cap", str(out / "coco_captions_{split}.tfrecord-*"),
                                       spm, **small)
+  tasks_caption.register_caption_task("t_cap_jitter",
+                                      str(out / "coco_captions_{split}.tfrecord-*"), spm,
+                                      scale_jitter=(0.5, 1.5), **small)
   tasks.register_ln_task("t_ln_base", str(out / "ln_train.tfrecord-*"), spm, splits=("train",),
                          **small)
   tasks_caption.register_ln_common_task("t_ln", "t_ln_base")
@@ -153,6 +156,31 @@ def test_caption_task_train_and_eval(world):
       assert not e["point_weights"].any() and not e["point_targets"].any()
       np.testing.assert_array_equal(e["prompt_boxes"], [[0, 0, 1, 1]] * 2)
       assert e["task"] == b"t_cap"
+
+
+def test_caption_scale_jitter(world):
+  """Train images are jittered (one draw per image, shared by its captions; the same seed gives
+  the same images); val images are the plain task's, bit for bit."""
+  kw = dict(split="train", shuffle=True, seed=2, num_epochs=2)
+  jittered = _examples(_batches("t_cap_jitter", **kw))
+  plain = _examples(_batches("t_cap", **{**kw, "num_epochs": 1}))
+  assert len(jittered) == 2 * len(plain)
+  assert len({int(e["image_mask"].sum()) for e in jittered}) > 3  # the scale varies
+  for a, b in zip(jittered, _examples(_batches("t_cap_jitter", **kw)), strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  for e in jittered:
+    assert not e["image"][~e["image_mask"]].any()
+  by_image = {}
+  for e in _examples(_batches("t_cap_jitter", split="train", seed=2)):  # one epoch, in order
+    by_image.setdefault(e["image_id"], []).append(e["image"])
+  assert max(len(v) for v in by_image.values()) > 1
+  for images in by_image.values():
+    for image in images[1:]:
+      np.testing.assert_array_equal(image, images[0])
+  for a, b in zip(_examples(_batches("t_cap_jitter", split="val")),
+                  _examples(_batches("t_cap", split="val")), strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["decoder_target_tokens"], b["decoder_target_tokens"])
 
 
 def test_refcoco_box_at_eos_and_masks(world):

@@ -3,7 +3,8 @@
 `config.data.task`:
   "ln"        captioning + trace on Localized Narratives (stage 2), optionally mixed with COCO
               captions: `config.data.coco_captions_rate` r > 0 draws COCO : LN = r : 2 (the
-              paper's trace stage is r = 1). Evaluation: the LN val split.
+              paper's trace stage is r = 1), COCO train images jittered by
+              `config.data.coco_captions_scale_jitter`. Evaluation: the LN val split.
   "captions"  image-caption pre-training on COCO-captions-schema records (WebLI pairs built with
               `python -m pixel_llm.data.build webli`, or COCO captions); stage 1, `configs/webli.py`.
   "refcoco"   referring localization (`tasks_refcoco`, kind `config.data.refcoco_kind`: "loc" =
@@ -199,7 +200,8 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
   digest = hashlib.sha1(json.dumps([patterns, vocab_path, config.model.image_size,
                                     list(d.prompts), d.split_sentences, jitter,
                                     d.get("refcoco_loco_rate", 0.0),
-                                    list(d.get("vg_scale_jitter", ())), d.get("vg_flip", False)],
+                                    list(d.get("vg_scale_jitter", ())), d.get("vg_flip", False),
+                                    list(d.get("coco_captions_scale_jitter", ()))],
                                    sort_keys=True).encode()).hexdigest()[:10]
   size = config.model.image_size
   if "captions" in patterns:
@@ -244,8 +246,9 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
   tasks.register_ln_task(ln_name, patterns["ln"], vocab_path, image_size=size,
                          prompts=tuple(d.prompts), split_sentences=d.split_sentences)
   tasks_caption.register_ln_common_task(ln_name + "_common", ln_name)
-  tasks_caption.register_caption_task(coco_name, patterns["coco_captions"], vocab_path,
-                                      image_size=size)
+  tasks_caption.register_caption_task(
+      coco_name, patterns["coco_captions"], vocab_path, image_size=size,
+      scale_jitter=tuple(d.get("coco_captions_scale_jitter", ())) or None)
   mixtures.register_trace_stage(f"trace_stage_{digest}", coco_name, ln_name + "_common",
                                 rates=(d.coco_captions_rate, 2.0))
   return f"trace_stage_{digest}", ln_name
