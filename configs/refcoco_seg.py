@@ -18,7 +18,13 @@ Commands:
   python -m pixel_llm.train --config=configs/refcoco_seg.py:toy --workdir=workdirs/refseg_toy
   python -m pixel_llm.eval --config=configs/refcoco_seg.py:toy --checkpoint=workdirs/refseg_toy
 The toy trains the tiny network (SAM-tiny included) from scratch on the synthetic world's refs,
-whose objects carry polygon masks; box and mask losses together, nothing frozen.
+whose objects carry polygon masks; box and mask losses together, nothing frozen. From the
+referring toy's checkpoint (the stage chain; its SAM neck is 256 wide, this toy's 64, so the neck
+and the extractor's input projection start fresh), ~20 min on 2 cores, README "Downstream toys":
+  python -m pixel_llm.train --config=configs/refcoco_seg.py:toy \
+    --config.init_checkpoint=workdirs/refcoco_toy/checkpoints/1500/state \
+    "--config.init_patterns=('^(?!sam_image_encoder/neck/|prompt_extractor/image_projection_mlp/)',)" \
+    --workdir=workdirs/refseg_toy
 Variants as configs/refcoco.py: dataset=<refcoco|refcoco+|refcocog>, toy, t5=..., sam=..., ...
 """
 import ml_collections
