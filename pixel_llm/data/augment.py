@@ -3,7 +3,7 @@ consistent: scale jitter, a random crop that keeps the regions the texts talk ab
 horizontal flip that swaps "left" and "right" in the texts.
 
   seed = augment.example_seed(global_seed, index)     # one per example (ds.enumerate() gives index)
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image = preprocess.decode(encoded)                  # uint8[H, W, 3]
   out = augment.random_crop_keeping(image, boxes, points, masks, keep, seed, min_fraction=0.5)
   out = augment.horizontal_flip(out["image"], out["boxes"], out["points"], out["masks"], texts,
                                 seed, prob=0.5, mode=augment.FLIP_DEFAULTS["vg"])

@@ -108,6 +108,13 @@ def resize_image(image: tf.Tensor, new_hw: tf.Tensor) -> tf.Tensor:
                                  lambda: resize(False)))
 
 
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG / PNG (first frame of a GIF) -> uint8[H, W, 3]."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
 def resize_and_pad(encoded: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """Decodes an image, resizes its longer side to `size` (keeping the aspect ratio) and pads
   bottom/right with zeros.
@@ -116,8 +123,7 @@ def resize_and_pad(encoded: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor,
   float32 in [0, 1]), mask bool[S, S] (False on padding), and the content's extent (w, h)
   float32[2] as a fraction of S, which maps image-normalised coordinates into the padded frame.
   """
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
+  image = decode(encoded)
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = size / tf.reduce_max(hw)
   new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)

@@ -45,8 +45,7 @@ def _placer(image_size: int, train_splits: Sequence[str],
 
     def jittered():
       with tf.control_dependencies([check]):
-        image = tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False)
-      image.set_shape([None, None, 3])
+        image = preprocess.decode(ex["image/encoded"])
       out = augment.scale_jitter(image, tf.zeros([0, 4]), tf.zeros([0, 2]),
                                  tf.zeros([0, 1, 1], tf.uint8), seed, min_scale=scale_jitter[0],
                                  max_scale=scale_jitter[1], size=image_size)

@@ -76,8 +76,7 @@ def _placer(image_size: int, scale_jitter: tuple[float, float] | None):
 
     def jittered():
       with tf.control_dependencies([check]):
-        image = tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False)
-      image.set_shape([None, None, 3])
+        image = preprocess.decode(ex["image/encoded"])
       out = augment.scale_jitter(image, box[None], tf.zeros([0, 2]),
                                  _decode_mask(ex["mask"], height, width)[None], seed,
                                  min_scale=scale_jitter[0], max_scale=scale_jitter[1],

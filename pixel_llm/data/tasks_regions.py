@@ -60,8 +60,7 @@ def _placer(image_size: int, scale_jitter: tuple[float, float] | None, flip: boo
 
     def augmented():
       with tf.control_dependencies([check]):
-        image = tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False)
-      image.set_shape([None, None, 3])
+        image = preprocess.decode(ex["image/encoded"])
       no_points, no_masks = tf.zeros([0, 2]), tf.zeros([0, 1, 1], tf.uint8)
       out = augment.horizontal_flip(image, boxes, no_points, no_masks, {"phrases": phrases}, seed,
                                     mode="swap_left_right" if flip else "off")
