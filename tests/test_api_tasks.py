@@ -22,6 +22,7 @@ from pixel_llm import visualize
 from pixel_llm.data import vocab as vocab_lib
 from pixel_llm.model import PixelLLMModel
 from pixel_llm.models import build
+from tiny_train_config import shallow  # tests/tiny_train_config.py
 
 SENTENCES = ["a red ball on the grass", "a blue square next to a green circle",
              "describe the region", "the small red ball is left of the big blue box"]
@@ -29,10 +30,8 @@ H, W = 50, 80  # the original image: landscape, so preprocessing pads 24 rows at
 
 
 def _shrink(config):
+  config = shallow(config)
   config.model.image_size = 64
-  config.model.t5.num_layers = config.model.t5.num_decoder_layers = 1
-  config.model.eva02.depth = config.model.prompt_extractor.depth = 1
-  config.model.sam.update(depth=1, global_attn_indexes=(0,))
   config.model.location_head.depth = 1
   config.input.update(max_target_len=6, max_context_len=5)
   config.data.image_size = 64

@@ -14,10 +14,11 @@ from configs import vg_densecap
 from pixel_llm import metrics
 from pixel_llm import model as model_lib
 from pixel_llm import train
+from tiny_train_config import shallow  # tests/tiny_train_config.py
 
 
 def test_vg_densecap_toy_trains_detects_and_scores(tmp_path):
-  c = vg_densecap.get_config("toy")
+  c = shallow(vg_densecap.get_config("toy"))
   c.model.image_size = 64
   c.data.update(root=str(tmp_path / "world"), num_train_images=16, num_val_images=6,
                 image_size=64, eval_batch_size=3)

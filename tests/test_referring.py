@@ -14,6 +14,7 @@ from configs import refcoco_seg
 from pixel_llm import metrics
 from pixel_llm import train
 from pixel_llm.model import PixelLLMModel
+from tiny_train_config import shallow  # tests/tiny_train_config.py
 
 
 class _StubNetwork:
@@ -92,7 +93,7 @@ def test_generated_expression_read_out_positions():
 
 
 def test_refcoco_seg_toy_trains_and_evaluates(tmp_path):
-  c = refcoco_seg.get_config("toy")
+  c = shallow(refcoco_seg.get_config("toy"))
   c.model.image_size = 64
   c.data.update(root=str(tmp_path / "world"), num_train_images=16, num_val_images=9,
                 image_size=64, eval_batch_size=8)

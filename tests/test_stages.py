@@ -11,11 +11,13 @@ from configs import ln
 from configs import webli
 from pixel_llm import train
 from pixel_llm.data import pipeline
+from tiny_train_config import shallow  # tests/tiny_train_config.py
 
 pytestmark = pytest.mark.slow
 
 
 def _shrink(c, root):
+  c = shallow(c)
   c.model.image_size = 64
   c.data.update(root=root, num_train_images=12, num_val_images=4, image_size=64,
                 eval_batch_size=4)

@@ -9,10 +9,11 @@ from PIL import Image
 from configs import ln
 from pixel_llm import train
 from pixel_llm.tools import flops
+from tiny_train_config import shallow  # tests/tiny_train_config.py
 
 
 def _config(tmp_path):
-  c = ln.get_config("toy")
+  c = shallow(ln.get_config("toy"))
   c.model.image_size = 64
   c.data.update(root=str(tmp_path / "world"), num_train_images=24, num_val_images=4, image_size=64,
                 eval_batch_size=4)

@@ -2,14 +2,30 @@
 
   python -m pixel_llm.train --config=tests/tiny_train_config.py --config.data.root=DIR --workdir=W
 
-64 px images, 24 training images, batch 4 over data=4 x tensor=2, 8 steps, no evaluation.
+64 px images, 24 training images, batch 4 over data=4 x tensor=2, 8 steps, no evaluation, one
+layer per tower (`shallow`).
+
+`shallow(config)` is also what the other end-to-end tests use: their cost is compile time, which
+grows with the number of unrolled layers, and one layer per tower exercises the same code.
 """
 from configs import ln
 
 
+def shallow(c):
+  """One layer in each tower of a toy config (SAM's one block global; T5 one encoder and one
+  decoder layer); returns `c`."""
+  c.model.sam.update(depth=1, global_attn_indexes=(0,))
+  c.model.eva02.depth = c.model.prompt_extractor.depth = 1
+  c.model.t5.num_layers = c.model.t5.num_decoder_layers = 1
+  # With one block per tower, the parts tensor parallelism leaves whole (SAM's neck, norms,
+  # position tables) are over half the bytes: the default 0.5 limit would stop a tensor=2 mesh.
+  c.max_replicated_fraction = 0.75
+  return c
+
+
 def get_config(arg: str | None = None):
   del arg
-  c = ln.get_config("toy")
+  c = shallow(ln.get_config("toy"))
   c.model.image_size = 64
   c.data.update(num_train_images=24, num_val_images=4, image_size=64, eval_batch_size=4)
   c.input.max_target_len = 12
