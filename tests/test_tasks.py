@@ -117,6 +117,9 @@ def world(tmp_path_factory):
                                         **kw)
   tasks_refcoco.register_refcoco_task("t_loc_jitter", pattern, spm, splits=("train", "testA"),
                                       scale_jitter=(0.5, 1.5), **small)
+  # A 4x zoom: the crop often misses the referred object, so the plain-resize fallback runs.
+  tasks_refcoco.register_refcoco_task("t_loc_zoom", pattern, spm, splits=("train",),
+                                      scale_jitter=(4.0, 4.0), **small)
   tasks_regions.register_vg_task("t_vg", str(out / "vg_{split}.tfrecord-*"), spm,
                                  splits=("train",), **small)
   vg_train = str(out / "vg_train.tfrecord-*")
@@ -250,6 +253,24 @@ def test_refcoco_scale_jitter(world):
                   _examples(_batches("t_loc", split="testA"))):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["gt_boxes"], b["gt_boxes"])
+
+
+def test_refcoco_jitter_that_loses_the_box_falls_back_to_the_plain_resize(world):
+  key = lambda e: (int(e["ref_id"]), int(e["expression_id"]))  # noqa: E731
+  plain = {key(e): e for e in _examples(_batches("t_loc"))}
+  zoomed = _examples(_batches("t_loc_zoom", shuffle=True, seed=1, num_epochs=3))
+  fallbacks = 0
+  for e in zoomed:
+    p = plain[key(e)]
+    if np.array_equal(e["image"], p["image"]):  # the crop lost the box: the plain example
+      fallbacks += 1
+      np.testing.assert_array_equal(e["gt_boxes"], p["gt_boxes"])
+      np.testing.assert_array_equal(e["masks"], p["masks"])
+    else:  # a 4x crop: the whole frame is image, the box keeps some area
+      assert e["image_mask"].all()
+      x0, y0, x1, y1 = e["gt_boxes"][0]
+      assert x1 > x0 and y1 > y0
+  assert 0 < fallbacks < len(zoomed)
 
 
 def test_refcoco_loco(world):

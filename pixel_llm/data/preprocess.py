@@ -123,7 +123,11 @@ def resize_and_pad(encoded: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor,
   float32 in [0, 1]), mask bool[S, S] (False on padding), and the content's extent (w, h)
   float32[2] as a fraction of S, which maps image-normalised coordinates into the padded frame.
   """
-  image = decode(encoded)
+  return resize_and_pad_decoded(decode(encoded), size)
+
+
+def resize_and_pad_decoded(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """`resize_and_pad` of an image already decoded (uint8[H, W, 3])."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = size / tf.reduce_max(hw)
   new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)

@@ -67,17 +67,16 @@ def _placer(image_size: int, scale_jitter: tuple[float, float] | None):
                                 & tf.reduce_all(box <= 1), ["bad box", box] + where)
     height = tf.cast(ex["image/height"], tf.int32)
     width = tf.cast(ex["image/width"], tf.int32)
+    with tf.control_dependencies([check]):
+      decoded = preprocess.decode(ex["image/encoded"])  # once, also for the jitter's fallback
 
     def plain():
-      with tf.control_dependencies([check]):
-        image, image_mask, extent = preprocess.resize_and_pad(ex["image/encoded"], image_size)
+      image, image_mask, extent = preprocess.resize_and_pad_decoded(decoded, image_size)
       return (image, image_mask, box * tf.tile(extent, [2]),
               _mask(ex["mask"], height, width, extent, image_size))
 
     def jittered():
-      with tf.control_dependencies([check]):
-        image = preprocess.decode(ex["image/encoded"])
-      out = augment.scale_jitter(image, box[None], tf.zeros([0, 2]),
+      out = augment.scale_jitter(decoded, box[None], tf.zeros([0, 2]),
                                  _decode_mask(ex["mask"], height, width)[None], seed,
                                  min_scale=scale_jitter[0], max_scale=scale_jitter[1],
                                  size=image_size)
