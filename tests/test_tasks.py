@@ -124,7 +124,8 @@ def world(tmp_path_factory):
                                  splits=("train",), **small)
   vg_train = str(out / "vg_train.tfrecord-*")
   for name, kw in {"t_vg_flip": {"flip": True},
-                   "t_vg_aug": {"flip": True, "scale_jitter": (0.3, 1.8)}}.items():
+                   "t_vg_aug": {"flip": True, "scale_jitter": (0.3, 1.8)},
+                   "t_vg_zoom": {"scale_jitter": (6.0, 6.0)}}.items():
     tasks_regions.register_vg_task(name, {"train": vg_train, "val": vg_train}, spm, **small, **kw)
   mixtures.register_trace_stage("t_trace", "t_cap", "t_ln")
   mixtures.register_mixture("t_joint", [("t_loc_cap", 1), ("t_vg", 1)])
@@ -334,6 +335,20 @@ def test_vg_flip_and_scale_jitter(world):
     np.testing.assert_array_equal(a["prompt_boxes"], b["prompt_boxes"])
     np.testing.assert_array_equal(a["image"], b["image"])
   _check_vg(vocab, _examples(_batches("t_vg_aug", r=3, t=10, split="val")), 3, 10)
+
+
+def test_vg_crop_without_regions_falls_back_to_the_plain_resize(world):
+  """A crop that keeps no region would train on nothing (every caption weight 0): the image is
+  placed plainly instead, with all its regions."""
+  plain = {e["image_id"]: e for e in _examples(_batches("t_vg", r=3, t=10))}
+  zoomed = _examples(_batches("t_vg_zoom", r=3, t=10, shuffle=True, seed=2, num_epochs=12))
+  fallbacks = 0
+  for e in zoomed:
+    assert e["caption_weights"].sum() >= 1
+    if np.array_equal(e["image"], plain[e["image_id"]]["image"]):  # padded: a 6x zoom is not
+      fallbacks += 1
+      np.testing.assert_array_equal(e["prompt_boxes"], plain[e["image_id"]]["prompt_boxes"])
+  assert 0 < fallbacks < len(zoomed)
 
 
 def test_joint_mixture_batches_all_kinds(world):

@@ -34,7 +34,8 @@ def _placer(image_size: int, scale_jitter: tuple[float, float] | None, flip: boo
   """The seeded preprocessor that checks a record's regions and puts image and boxes in the padded
   square frame: `resize_and_pad`, or on train records with augmentation a flip (probability 1/2,
   "left" <-> "right" in the phrases) then `augment.scale_jitter` (s ~ U[lo, hi]; without
-  `scale_jitter` s = 1, i.e. resize_and_pad). Regions the crop leaves without area are dropped.
+  `scale_jitter` s = 1, i.e. resize_and_pad). Regions the crop leaves without area are dropped;
+  a crop that leaves none falls back to the plain resize (not flipped).
   Per-example seeds: seqio's stream, fresh every epoch and the same for the same seed (as
   `tasks_refcoco._placer`)."""
 
@@ -52,15 +53,14 @@ def _placer(image_size: int, scale_jitter: tuple[float, float] | None, flip: boo
       boxes = tf.reshape(flat, [-1, 4])
     ok = tf.reduce_all(boxes[:, 2:] >= boxes[:, :2]) & tf.reduce_all((boxes >= 0) & (boxes <= 1))
     check = tf.debugging.Assert(ok, ["bad region/box", boxes] + where)
+    with tf.control_dependencies([check]):
+      image = preprocess.decode(ex["image/encoded"])
 
     def plain():
-      with tf.control_dependencies([check]):
-        image, image_mask, extent = preprocess.resize_and_pad(ex["image/encoded"], image_size)
-      return image, image_mask, boxes * tf.tile(extent, [2])[None], phrases, ids
+      image_, image_mask, extent = preprocess.resize_and_pad_decoded(image, image_size)
+      return image_, image_mask, boxes * tf.tile(extent, [2])[None], phrases, ids
 
     def augmented():
-      with tf.control_dependencies([check]):
-        image = preprocess.decode(ex["image/encoded"])
       no_points, no_masks = tf.zeros([0, 2]), tf.zeros([0, 1, 1], tf.uint8)
       out = augment.horizontal_flip(image, boxes, no_points, no_masks, {"phrases": phrases}, seed,
                                     mode="swap_left_right" if flip else "off")
@@ -68,8 +68,12 @@ def _placer(image_size: int, scale_jitter: tuple[float, float] | None, flip: boo
       out2 = augment.scale_jitter(out["image"], out["boxes"], no_points, no_masks, seed,
                                   min_scale=lo, max_scale=hi, size=image_size)
       keep = out["box_valid"] & out2["box_valid"]
-      return (out2["image"], out2["image_mask"], tf.boolean_mask(out2["boxes"], keep),
-              tf.boolean_mask(out["texts"]["phrases"], keep), tf.boolean_mask(ids, keep))
+      # A crop without any region would train on nothing: the plain resize instead.
+      return tf.cond(
+          tf.reduce_any(keep),
+          lambda: (out2["image"], out2["image_mask"], tf.boolean_mask(out2["boxes"], keep),
+                   tf.boolean_mask(out["texts"]["phrases"], keep), tf.boolean_mask(ids, keep)),
+          plain)
 
     if scale_jitter is None and not flip:
       placed = plain()
