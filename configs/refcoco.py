@@ -23,6 +23,13 @@ and built on first use; expressions such as "the red circle left of the square")
 batch 16, lr 3e-4, with the release's scale jitter; see the README ("Downstream toys") for what it
 reaches (far below the paper's regime: the box path learns slowly) and how long it takes on 2 CPU
 cores. Evaluation specs take expression="generated" to let the decoder write the expression.
+The best toy figures so far came from the stage chain with a longer, slower LN toy (README
+"Downstream toys"; ~25 + 21 min on 2 shared cores, box P@0.5 0.183 on the held-out refs):
+  python -m pixel_llm.train --config=configs/ln.py:toy --config.learning_rate=3e-4 \
+    --config.total_steps=4500 --config.checkpoint_every_steps=1500 --workdir=workdirs/ln_toy_long
+  python -m pixel_llm.train --config=configs/refcoco.py:toy --config.total_steps=4500 \
+    --config.init_checkpoint=workdirs/ln_toy_long/checkpoints/4500/state \
+    --workdir=workdirs/refcoco_toy
 Variants: dataset=<refcoco|refcoco+|refcocog> (its eval splits: RefCOCO/+ val, testA, testB; RefCOCOg
 val, test), and as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
 """
