@@ -18,8 +18,8 @@ import orbax.checkpoint as ocp
 
 # Orbax's default writes every replicated array "replica-parallel": each replica slices off its
 # part, and each slice of a new shape is a new XLA program, so a model's first save compiles one
-# program per distinct parameter shape (15 s of a 4-step CPU test run). Slicing only pays for
-# large arrays; below 1 MiB per replica the first replica writes the array whole.
+# program per distinct parameter shape (~20 s of a 4-step CPU test run; benchmarks/RESULTS.md).
+# Slicing only pays for large arrays; below 1 MiB per replica the first replica writes it whole.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 

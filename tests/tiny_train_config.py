@@ -6,7 +6,8 @@
 layer per tower (`shallow`).
 
 `shallow(config)` is also what the other end-to-end tests use: their cost is compile time, which
-grows with the number of unrolled layers, and one layer per tower exercises the same code.
+grows with the number of unrolled layers. SAM's windowed blocks and deeper stacks are covered by
+the towers' own tests (test_sam_image_encoder.py, test_eva02.py, test_t5.py, test_scan_layers.py).
 """
 from configs import ln
 
