@@ -150,8 +150,11 @@ def test_trailing_padding_does_not_change_outputs(tiny_params):
   enc[:, 12:] = 0  # Both rows: 12 real tokens, then padding.
   logits, aux = APPLY({"params": tiny_params}, enc, dec)
   logits_short, aux_short = APPLY({"params": tiny_params}, enc[:, :12], dec)
-  np.testing.assert_allclose(logits, logits_short, atol=1e-6, rtol=0)
-  np.testing.assert_allclose(aux["encoded"][:, :12], aux_short["encoded"], atol=1e-6, rtol=0)
+  # Another length is another XLA program (other reduction blocking): float32 round-off reaches
+  # ~1.4e-6 on these logits (|x| up to ~3; seen in CI). Attending to a padded key would move them
+  # by orders of magnitude more.
+  np.testing.assert_allclose(logits, logits_short, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(aux["encoded"][:, :12], aux_short["encoded"], atol=1e-5, rtol=0)
 
 
 def test_methods_compose_like_call(tiny_params):
