@@ -29,7 +29,7 @@ The best toy figures so far came from the stage chain with a longer, slower LN t
     --config.total_steps=4500 --config.checkpoint_every_steps=1500 --workdir=workdirs/ln_toy_long
   python -m pixel_llm.train --config=configs/refcoco.py:toy --config.total_steps=4500 \
     --config.init_checkpoint=workdirs/ln_toy_long/checkpoints/4500/state \
-    --workdir=workdirs/refcoco_toy
+    --workdir=workdirs/refcoco_toy_long
 Variants: dataset=<refcoco|refcoco+|refcocog> (its eval splits: RefCOCO/+ val, testA, testB; RefCOCOg
 val, test), and as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
 """
