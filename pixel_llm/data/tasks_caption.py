@@ -39,20 +39,20 @@ def _placer(image_size: int, train_splits: Sequence[str],
                                 ["caption record without captions: image/id", ex["image/id"]])
     train = tf.reduce_any(ex["source/split"] == tf.constant(list(train_splits) or [""]))
 
+    with tf.control_dependencies([check]):
+      image = preprocess.decode(ex["image/encoded"])
+
     def plain():
-      with tf.control_dependencies([check]):
-        return preprocess.resize_and_pad(ex["image/encoded"], image_size)[:2]
+      return preprocess.resize_and_pad_decoded(image, image_size)[:2]
 
     def jittered():
-      with tf.control_dependencies([check]):
-        image = preprocess.decode(ex["image/encoded"])
       out = augment.scale_jitter(image, tf.zeros([0, 4]), tf.zeros([0, 2]),
                                  tf.zeros([0, 1, 1], tf.uint8), seed, min_scale=scale_jitter[0],
                                  max_scale=scale_jitter[1], size=image_size)
       return out["image"], out["image_mask"]
 
-    image, mask = plain() if scale_jitter is None else tf.cond(train, jittered, plain)
-    return {**ex, "image": image, "image_mask": mask, "train": train}
+    placed, mask = plain() if scale_jitter is None else tf.cond(train, jittered, plain)
+    return {**ex, "image": placed, "image_mask": mask, "train": train}
 
   return place
 
