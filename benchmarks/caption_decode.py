@@ -67,12 +67,13 @@ def main():
   network, new = model.network, args.new_tokens
   dtype = jnp.dtype(args.dtype)
   example = build.example_batch(config, 1, abstract=False)
+  t0 = time.perf_counter()
   params = jax.jit(lambda k: jax.tree.map(lambda x: x.astype(dtype), nn.meta.unbox(
       model.init_variables(k, example)["params"])))(jax.random.key(0))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   device = jax.devices()[0]
   print(f"{args.config}: {n_params / 1e9:.2f} B parameters in {args.dtype}, {new} new tokens, "
-        f"on {device.device_kind}", flush=True)
+        f"on {device.device_kind} (init {time.perf_counter() - t0:.1f} s)", flush=True)
 
   @jax.jit
   def generate(params, batch):
@@ -86,6 +87,7 @@ def main():
   for size in [int(b) for b in args.batch.split(",")]:
     batch = {k: jnp.asarray(v) for k, v in train_step.random_batch(config, size).items()
              if k in ("image", "prompt_boxes", "prompt_text")}
+    print(f"batch {size}: compiling and timing", flush=True)
     first, seconds = _median_seconds(lambda: generate(params, batch), args.repeats)
     _, encode_s = _median_seconds(lambda: encode(params, batch), args.repeats)
     out = generate(params, batch)
