@@ -2,8 +2,8 @@ r"""Data-pipeline throughput (examples/s after a warm-up) at 384 px on synthetic
 
   ln              the LN seqio task through `pixel_llm.data.tasks.get_dataset` (what the trainer
                   reads): parse, tokenise + align, JPEG decode, resize_and_pad, model features
-  refcoco         RefCOCO TFRecords: parse, JPEG + PNG mask decode, one expression picked per
-                  example, augment.random_crop_keeping + horizontal_flip + scale_jitter, batched
+  refcoco         RefCOCO TFRecords: parse, JPEG + PNG mask decode, one expression (and its
+                  object) picked per record (an image), augment.random_crop_keeping + horizontal_flip + scale_jitter, batched
   refcoco_noaug   the same without crop / flip and at scale 1 (= resize_and_pad; evaluation)
   --profile adds ln_stages: the LN work split into cumulative stages (parse, + JPEG decode,
                   + resize_and_pad, tokenise + align alone) to show where the time goes.
@@ -125,13 +125,18 @@ def refcoco_dataset(pattern: str, batch_size: int, size: int, seed: int, flip: s
     ex = tf.io.parse_single_example(record, spec)
     seed_ = augment.example_seed(seed, index)
     image = tf.io.decode_jpeg(ex["image/encoded"], channels=3)
-    masks = tf.cond(tf.strings.length(ex["mask"]) > 0,
-                    lambda: tf.io.decode_png(ex["mask"], channels=1)[..., 0] > 0,
-                    lambda: tf.zeros(tf.shape(image)[:2], tf.bool))[None]
-    sents = tf.sparse.to_dense(ex["expression/sent"])
+    sents = tf.sparse.to_dense(ex["expression/sent"])  # a record is an image: M expressions
     pick = tf.random.stateless_uniform([], seed_, 0, tf.shape(sents)[0], tf.int32)
+    owner = tf.cast(tf.sparse.to_dense(ex["expression/object"]), tf.int32)
+    obj = tf.cond(tf.size(owner) > 0, lambda: owner[pick % tf.maximum(tf.size(owner), 1)],
+                  lambda: 0)
+    png = tf.sparse.to_dense(ex["mask"])[obj]
+    masks = tf.cond(tf.strings.length(png) > 0,
+                    lambda: tf.io.decode_png(png, channels=1)[..., 0] > 0,
+                    lambda: tf.zeros(tf.shape(image)[:2], tf.bool))[None]
     texts = {"expression": sents[pick]}
-    boxes, points = ex["box"][None], tf.zeros([0, 2])
+    boxes = tf.reshape(tf.sparse.to_dense(ex["box"]), [-1, 4])[obj][None]
+    points = tf.zeros([0, 2])
     if augmented:
       out = augment.random_crop_keeping(image, boxes, points, masks, [True], seed_, 0.6)
       out = augment.horizontal_flip(out["image"], out["boxes"], out["points"], out["masks"],

@@ -20,7 +20,8 @@ Commands:
   python -m pixel_llm.eval --config=configs/refcoco.py:toy --checkpoint=workdirs/refcoco_toy
 The toy trains the tiny network from scratch on the synthetic world's RefCOCO-format refs (written
 and built on first use; expressions such as "the red circle left of the square"), 128-px images,
-batch 16, lr 3e-4, with the release's scale jitter; see the README ("Downstream toys") for what it
+batch 16 images with up to 4 expressions each (the full config: 64 with up to 16, as the
+release), lr 3e-4, with the release's scale jitter; see the README ("Downstream toys") for what it
 reaches (far below the paper's regime: the box path learns slowly) and how long it takes on 2 CPU
 cores. Evaluation specs take expression="generated" to let the decoder write the expression.
 The best toy figures so far came from the stage chain with a longer, slower LN toy (README
@@ -44,6 +45,7 @@ from configs import ln
 # paper's T5-XL box P@0.5 on them (Table 4; `anchor_scenic_pixel_llm.md` section 7).
 EVAL_SPLITS = {"refcoco": ("val", "testA", "testB"), "refcoco+": ("val", "testA", "testB"),
                "refcocog": ("val", "test")}
+TOY_EXPRESSIONS_PER_IMAGE = 4
 PAPER_P_AT_05 = {"refcoco": (90.3, 92.3, 86.8), "refcoco+": (83.7, 87.2, 78.5),
                  "refcocog": (84.5, 85.7)}
 
@@ -64,6 +66,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 refcoco_scale_jitter=(0.75, 1.25))
   if not toy:
     c.data.source = "files"  # real TFRecords: see the module docstring
+  # The release trains up to 16 expressions of one image beside its one image encoding; each
+  # train example here is an image with up to this many of its expressions (fresh choice every
+  # epoch; `tasks_refcoco`), evaluation one expression per example.
+  per_image = TOY_EXPRESSIONS_PER_IMAGE if toy else 16
+  c.data.refcoco_expressions_per_image = per_image
+  c.input.num_prompts = per_image
+  c.input.eval_num_prompts = 1
   c.input.max_target_len = 16 if toy else 40
   c.input.max_context_len = 16 if toy else 40  # the expression is the prompt too
   c.total_steps = 1_500 if toy else 120_000

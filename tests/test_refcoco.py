@@ -303,7 +303,8 @@ def test_read_hand_written(tiny, tmp_path):
     list(refcoco.read_refcoco(refs, str(tiny / "instances.json"), "testC"))
 
 
-def _parse(out_dir, split="train", name="refcoco"):
+def _records(out_dir, split="train", name="refcoco"):
+  """The parsed records (dense numpy) of a build's shards."""
   import tensorflow as tf
   spec = refcoco.feature_description() if name == "refcoco" else None
   files = sorted(str(p) for p in out_dir.glob(f"{name}_{split}.tfrecord-*"))
@@ -312,6 +313,26 @@ def _parse(out_dir, split="train", name="refcoco"):
     ex = tf.io.parse_single_example(r, spec)
     out.append({k: (tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v).numpy()
                 for k, v in ex.items()})
+  return out
+
+
+def _parse(out_dir, split="train"):
+  """One dict per referred object (the records are per image): its scalar ids, box[4], mask PNG
+  and its own expressions."""
+  out = []
+  for rec in _records(out_dir, split):
+    n = len(rec["ref/id"])
+    assert rec["box"].shape == (4 * n,) and rec["mask"].shape == (n,)
+    owner = rec["expression/object"]
+    assert len(owner) == len(rec["expression/id"]) and set(owner) == set(range(n))
+    for k in range(n):
+      obj = {key: v for key, v in rec.items() if not key.startswith(("expression/", "ref/",
+                                                                     "ann/", "category/"))}
+      obj.update({key: rec[key][k] for key in ("ref/id", "ann/id", "category/id", "mask")})
+      obj["box"] = rec["box"][4 * k:4 * k + 4]
+      obj.update({key: rec[key][owner == k] for key in ("expression/raw", "expression/sent",
+                                                       "expression/id")})
+      out.append(obj)
   return out
 
 
@@ -339,7 +360,12 @@ def test_build_reports_and_counts_bad_input(tiny, tmp_path, capsys):
     assert f": {kind}: " in line and line.endswith(f"(record {'kept' if kept else 'skipped'})")
   for kind, n in Counter(kind for _, kind, _ in BAD_ROWS).items():
     assert f"  {kind}: {n} record(s)" in captured.out
-  assert "5 records written to 2 shard(s)" in captured.out
+  # One record per image: image 1 holds refs 0, 1, 20 and 21, image 2 ref 2.
+  assert "2 records written to 2 shard(s)" in captured.out
+  records = {r["image/id"]: r for r in _records(out)}
+  assert sorted(records) == [b"1", b"2"]
+  assert records[b"1"]["ref/id"].tolist() == [0, 1, 20, 21]
+  assert records[b"1"]["expression/object"].tolist() == [0, 0, 1, 2, 3]
   examples = sorted(_parse(out), key=lambda e: e["ref/id"])
   assert [e["ref/id"] for e in examples] == [0, 1, 2, 20, 21]
   e0, e1, e2 = examples[:3]

@@ -215,14 +215,23 @@ def test_joint_loc_loco_mixture_through_the_pipeline(tmp_path):
     for i, task in enumerate(b["task"]):
       by_kind[task.decode().split("_")[1]].append({k: v[i] for k, v in b.items()})
   assert all(len(v) >= 4 for v in by_kind.values()), {k: len(v) for k, v in by_kind.items()}
-  for e in by_kind["loc"]:
-    np.testing.assert_allclose(e["prompt_boxes"], [[0, 0, 1, 1]])  # the expression is the prompt
-    assert e["caption_weights"][0] == 0 and e["point_weights"][0].sum() == 1
-  for e in by_kind["loco"]:
-    assert (e["prompt_boxes"][0] != [0, 0, 1, 1]).any()  # the box is the prompt
-    assert e["caption_weights"][0] == 1 and not e["point_weights"].any()
-  evals = next(data.eval_batches("val"))
+  per_image = c.data.refcoco_expressions_per_image
+  assert per_image > 1 and c.input.num_prompts == per_image
+  for kind, examples in by_kind.items():
+    for e in examples:  # up to `per_image` expressions of the image, each its own prompt
+      real = e["caption"] != b""
+      assert e["prompt_boxes"].shape == (per_image, 4) and 1 <= real.sum() <= per_image
+      assert not e["point_weights"][~real].any() and not e["caption_weights"][~real].any()
+      if kind == "loc":  # the expression is the prompt, the box at EOS
+        np.testing.assert_allclose(e["prompt_boxes"], [[0, 0, 1, 1]] * per_image)
+        assert not e["caption_weights"].any()
+        np.testing.assert_array_equal(e["point_weights"][real].sum(-1), 1)
+      else:  # the box is the prompt
+        assert (e["prompt_boxes"][real] != [0, 0, 1, 1]).any(-1).all()
+        assert e["caption_weights"][real].all() and not e["point_weights"].any()
+  evals = next(data.eval_batches("val"))  # one expression per example
   assert {t.decode().split("_")[1] for t in evals["task"]} == {"loc"}
+  assert evals["prompt_boxes"].shape[1] == 1 and (evals["caption"][:, 0] != b"").all()
 
   c.data.refcoco_kind = "loco"
   with pytest.raises(ValueError, match="needs refcoco_kind='loc'"):

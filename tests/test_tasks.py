@@ -117,6 +117,8 @@ def world(tmp_path_factory):
                                         **kw)
   tasks_refcoco.register_refcoco_task("t_loc_jitter", pattern, spm, splits=("train", "testA"),
                                       scale_jitter=(0.5, 1.5), **small)
+  tasks_refcoco.register_refcoco_task("t_loc_group", pattern, spm, splits=("train", "testA"),
+                                      scale_jitter=(0.5, 1.5), expressions_per_image=3, **small)
   # A 4x zoom: the crop often misses the referred object, so the plain-resize fallback runs.
   tasks_refcoco.register_refcoco_task("t_loc_zoom", pattern, spm, splits=("train",),
                                       scale_jitter=(4.0, 4.0), **small)
@@ -272,6 +274,41 @@ def test_refcoco_jitter_that_loses_the_box_falls_back_to_the_plain_resize(world)
       x0, y0, x1, y1 = e["gt_boxes"][0]
       assert x1 > x0 and y1 > y0
   assert 0 < fallbacks < len(zoomed)
+
+
+def test_refcoco_expressions_per_image(world):
+  """expressions_per_image=3: a train example is one image with up to 3 of its expressions, each
+  prompt with its own box at EOS, a fresh choice each epoch; eval stays one per expression."""
+  vocab, out = world
+  plain = _examples(_batches("t_loc", num_epochs=1))
+  by_image = {}
+  for e in plain:
+    by_image.setdefault(e["image_id"], set()).add(e["caption"][0])
+  grouped = _examples(_batches("t_loc_group", r=4, shuffle=True, seed=2, num_epochs=2))
+  assert len(grouped) == 2 * len(by_image)  # one example per image and epoch
+  chosen = {}
+  for e in grouped:
+    k = int((e["caption"] != b"").sum())
+    assert 1 <= k <= min(3, len(by_image[e["image_id"]]))
+    assert set(e["caption"][:k]) <= by_image[e["image_id"]] and len(set(e["caption"][:k])) == k
+    assert not e["caption"][k:].astype(bool).any() and not e["point_weights"][k:].any()
+    for j in range(k):
+      eos = int(np.flatnonzero(e["point_weights"][j])[0])
+      assert e["decoder_target_tokens"][j, eos] == 1
+      np.testing.assert_allclose(e["point_targets"][j, eos].reshape(4), e["gt_boxes"][j],
+                                 atol=1e-6)
+      ids = vocab.encode(e["caption"][j].decode())
+      assert e["prompt_text"][j, :min(len(ids), 7)].tolist() == ids[:7]
+    np.testing.assert_array_equal(e["gt_boxes"][k:], [[0, 0, 1, 1]] * (4 - k))
+    chosen.setdefault(e["image_id"], []).append(tuple(e["caption"][:k]))
+  # Images with more than 3 expressions: the two epochs chose differently at least once.
+  assert any(len(set(c)) > 1 for i, c in chosen.items() if len(by_image[i]) > 3)
+  evals = _examples(_batches("t_loc_group", r=4, split="testA"))
+  assert len(evals) == len(_examples(_batches("t_loc", split="testA")))
+  assert all((e["caption"] != b"").sum() == 1 for e in evals)
+  import tensorflow as tf
+  with pytest.raises(tf.errors.InvalidArgumentError, match="expressions_per_image=3 needs"):
+    _batches("t_loc_group", r=2)
 
 
 def test_refcoco_loco(world):

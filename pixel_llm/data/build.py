@@ -22,10 +22,12 @@ of any kind stops the build with exit status 1; shards are only renamed into pla
   python -m pixel_llm.data.build coco_captions --karpathy dataset_coco.json \
       --images COCO/train2017 COCO/val2017 --out OUT/karpathy --split test
 
-write OUT/{refcoco,coco_captions}_{split}.tfrecord-*: one example per referred object with all its
-expressions (`refcoco_example`), or per image with all its captions (`coco_captions_example`).
-One example per object rather than per expression stores the image and mask once for the ~3
-expressions of an object; training picks or unrolls expressions, evaluation unrolls them.
+write OUT/{refcoco,coco_captions}_{split}.tfrecord-*: one example per image with all its referred
+objects and their expressions (`refcoco_example`; images in the order the refs file first names
+them), or per image with all its captions (`coco_captions_example`). One example per image
+rather than per expression stores the image once for its ~8 expressions and lets training put
+several of them, with their boxes, beside one image encoding (the release's up to 16 refexps per
+image); evaluation unrolls them.
 --images takes several directories; an image is looked up by the annotation's file name (also
 under Karpathy's filepath) and then as COCO 2017's {image_id:012d}.jpg, in each directory in turn.
 RefCOCO splits: train, val, testA, testB (UNC), test (UMD); Karpathy: train (with restval, the
@@ -48,6 +50,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 from PIL import Image
 
@@ -297,8 +300,11 @@ def _write_records(items, args, problems: Problems, writer: ShardedWriter, progr
         problems.report("size_mismatch", item.where, f"{path} is {width}x{height}, the "
                         f"annotations say {item.width}x{item.height}", kept=False)
         continue
-      for kind, n in sorted(getattr(item, "issues", {}).items()):
-        problems.report(kind, item.where, _KEPT_TEXT[kind].format(n=n), kept=True, count=n)
+      sources = (item.issue_sources() if hasattr(item, "issue_sources")
+                 else [(item.where, getattr(item, "issues", {}))])
+      for where, issues in sources:
+        for kind, n in sorted(issues.items()):
+          problems.report(kind, where, _KEPT_TEXT[kind].format(n=n), kept=True, count=n)
       with open(path, "rb") as f:
         writer.write(make_example(item, f.read(), width, height))
   except coco_captions.FileError as e:
@@ -313,19 +319,62 @@ def _png(mask) -> bytes:
   return buf.getvalue()
 
 
-def refcoco_example(rec: refcoco.RefRecord, image_bytes: bytes, width: int, height: int):
-  """tf.train.Example of one referred object (`refcoco.feature_description`). mask: 1-bit PNG at
-  image size (tf.io.decode_png gives uint8[H, W, 1] in {0, 255}); empty when the source has none."""
+@dataclasses.dataclass
+class RefImage:
+  """The referred objects of one image, written as one record. objects: (record, mask PNG bytes)
+  per object, the record's own mask dropped (PNG bytes keep a large split in memory)."""
+  where: str
+  image_id: int
+  split: str
+  file_names: tuple[str, ...]
+  width: int
+  height: int
+  objects: list
+
+  def issue_sources(self) -> list[tuple[str, Counter]]:
+    """(where, kept issues) of each object's record, so reports name the ref they concern."""
+    return [(rec.where, rec.issues) for rec, _ in self.objects]
+
+
+def group_refs(items) -> Iterator:
+  """Reader items (RefRecord | Problem) -> the Problems as they come, then one RefImage per image,
+  in the order of each image's first record. A record whose image size differs from the one the
+  image's first record gave is a size_mismatch Problem."""
+  images: dict[int, RefImage] = {}
+  for item in items:
+    if isinstance(item, coco_captions.Problem):
+      yield item
+      continue
+    group = images.setdefault(item.image_id, RefImage(
+        item.where, item.image_id, item.split, item.file_names, item.width, item.height, []))
+    if (item.width, item.height) != (group.width, group.height):
+      yield coco_captions.Problem(item.where, "size_mismatch", f"image {item.image_id} is "
+                                  f"{item.width}x{item.height} here, {group.width}x"
+                                  f"{group.height} in {group.where}")
+      continue
+    png = b"" if item.mask is None else _png(item.mask)
+    group.objects.append((dataclasses.replace(item, mask=None), png))
+  yield from images.values()
+
+
+def refcoco_example(group: RefImage, image_bytes: bytes, width: int, height: int):
+  """tf.train.Example of one image's referred objects (`refcoco.feature_description`). mask: 1-bit
+  PNG at image size (tf.io.decode_png gives uint8[H, W, 1] in {0, 255}); b"" when the source has
+  none."""
   import tensorflow as tf
-  feats = _image_features(rec.image_id, image_bytes, width, height)
+  recs = [rec for rec, _ in group.objects]
+  feats = _image_features(group.image_id, image_bytes, width, height)
   feats.update({
-      "ref/id": _feature("int", [rec.ref_id]), "ann/id": _feature("int", [rec.ann_id]),
-      "category/id": _feature("int", [rec.category_id]),
-      "split": _feature("bytes", [rec.split.encode()]), "box": _feature("float", rec.box),
-      "mask": _feature("bytes", [b"" if rec.mask is None else _png(rec.mask)]),
-      "expression/raw": _feature("bytes", [t.encode("utf-8") for t in rec.raw]),
-      "expression/sent": _feature("bytes", [t.encode("utf-8") for t in rec.sents]),
-      "expression/id": _feature("int", rec.sent_ids)})
+      "ref/id": _feature("int", [r.ref_id for r in recs]),
+      "ann/id": _feature("int", [r.ann_id for r in recs]),
+      "category/id": _feature("int", [r.category_id for r in recs]),
+      "split": _feature("bytes", [group.split.encode()]),
+      "box": _feature("float", [v for r in recs for v in r.box]),
+      "mask": _feature("bytes", [png for _, png in group.objects]),
+      "expression/raw": _feature("bytes", [t.encode("utf-8") for r in recs for t in r.raw]),
+      "expression/sent": _feature("bytes", [t.encode("utf-8") for r in recs for t in r.sents]),
+      "expression/id": _feature("int", [i for r in recs for i in r.sent_ids]),
+      "expression/object": _feature("int", [k for k, r in enumerate(recs) for _ in r.sent_ids])})
   return tf.train.Example(features=tf.train.Features(feature=feats))
 
 
@@ -351,7 +400,8 @@ def _build_refcoco(args, problems: Problems, writer: ShardedWriter, progress: Pr
     raise BuildError("--refs needs --instances (the COCO instances.json of the refs)")
   else:
     items = refcoco.read_refcoco(args.refs, args.instances, args.split, seen)
-  _write_records(items, args, problems, writer, progress, refcoco_example, sizes_must_match=True)
+  _write_records(group_refs(items), args, problems, writer, progress, refcoco_example,
+                 sizes_must_match=True)
   if args.refs and not seen[args.split]:
     _LOG.warning("%s has no ref of split %r (refs per split: %s)", args.refs, args.split,
                  dict(seen) or "none")

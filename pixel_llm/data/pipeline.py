@@ -70,6 +70,8 @@ def _synthetic_root(config) -> str:
                   generator=synthetic.VERSION)
   if _synthetic_formats(config):  # (LN-only worlds keep their earlier cache names)
     settings["formats"] = list(_synthetic_formats(config))
+  if "refcoco" in _synthetic_formats(config):
+    settings["refcoco_records"] = "per_image"  # `build.py refcoco` writes one record per image
   key = json.dumps(settings, sort_keys=True)
   name = "synthetic-" + hashlib.sha1(key.encode()).hexdigest()[:10]
   base = os.environ.get("PIXEL_LLM_DATA_DIR") or os.path.join(
@@ -201,7 +203,8 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
                                     list(d.prompts), d.split_sentences, jitter,
                                     d.get("refcoco_loco_rate", 0.0),
                                     list(d.get("vg_scale_jitter", ())), d.get("vg_flip", False),
-                                    list(d.get("coco_captions_scale_jitter", ()))],
+                                    list(d.get("coco_captions_scale_jitter", ())),
+                                    d.get("refcoco_expressions_per_image", 1)],
                                    sort_keys=True).encode()).hexdigest()[:10]
   size = config.model.image_size
   if "captions" in patterns:
@@ -222,7 +225,8 @@ def _register(config, patterns: dict[str, str], vocab_path: str) -> tuple[str | 
           name, patterns["refcoco"], vocab_path, kind=kind, image_size=size,
           splits=("train",) + tuple(d.get("eval_splits", ("val",))),
           prompt_prefix=d.get("refcoco_prompt_prefix", ""), caption_loss=caption_loss,
-          scale_jitter=jitter)
+          scale_jitter=jitter,
+          expressions_per_image=d.get("refcoco_expressions_per_image", 1))
       return name
 
     name = register(kind, d.get("refcoco_caption_loss", False))
@@ -279,8 +283,12 @@ def prepare(config, workdir: str | None = None) -> Data:
   if vocab.vocab_size > config.model.t5.vocab_size:
     raise ValueError(f"The vocabulary {vocab_path} has {vocab.vocab_size} ids but the model's "
                      f"vocab_size is {config.model.t5.vocab_size}.")
-  train_name, eval_name = _register(config, patterns, vocab_path)
   d, inp = config.data, config.input
+  if d.get("refcoco_expressions_per_image", 1) > inp.get("num_prompts", 1):
+    raise ValueError(f"config.data.refcoco_expressions_per_image="
+                     f"{d.refcoco_expressions_per_image} needs config.input.num_prompts >= it "
+                     f"(it is {inp.get('num_prompts', 1)}): each is a prompt of the image.")
+  train_name, eval_name = _register(config, patterns, vocab_path)
   lengths = dict(image_size=config.model.image_size, max_target_len=inp.max_target_len,
                  max_context_len=inp.max_context_len)
   if train_name:  # common-format tasks carry R prompts per image
@@ -303,10 +311,15 @@ def prepare(config, workdir: str | None = None) -> Data:
     _fast_forward(batches, skip)
     return batches
 
+  # Evaluation may batch fewer prompts per image (referring: one expression per example).
+  eval_lengths = dict(lengths)
+  if train_name:
+    eval_lengths["num_regions"] = inp.get("eval_num_prompts", 0) or lengths["num_regions"]
+
   def eval_batches(split: str = "val"):
     registered = eval_name in tasks.seqio.TaskRegistry.names()
     return tasks.get_dataset(eval_name, split=split, batch_size=d.eval_batch_size, shuffle=False,
-                             num_epochs=1, drop_remainder=False, **lengths,
+                             num_epochs=1, drop_remainder=False, **eval_lengths,
                              **({} if registered else plain_ln))
 
   return Data(vocab=vocab, train_batches=train_batches, eval_batches=eval_batches)

@@ -1,5 +1,7 @@
 """RefCOCO / RefCOCO+ / RefCOCOg: `refs(unc|umd|google).p` + COCO `instances.json` (or the
-MDETR-style json) -> one record per referred object with all its expressions, box and mask.
+MDETR-style json) -> one record per referred object with all its expressions, box and mask
+(`read_refcoco`, `read_mdetr`); `build.py refcoco` writes the objects of one image as one record
+(`feature_description`), as the release's TFRecords hold an image's objects and refexps together.
 
 Formats (users_formats_metrics.md, sections 2.2, 2.3, 2.5):
   refs(*).p       a Python 2 pickle (read with `safe_pickle`): a list of {ref_id, ann_id, image_id,
@@ -52,16 +54,20 @@ BOX_TOLERANCE = 1.0  # pixels
 
 
 def feature_description() -> dict:
-  """tf.io parsing spec of the builder's records (`build.py refcoco`)."""
+  """tf.io parsing spec of the builder's records (`build.py refcoco`): one record per image with
+  its N referred objects and their M expressions. Per object: ref/id, ann/id, category/id, box
+  (4 floats each, flattened), mask (a 1-bit PNG, b"" when the source has none); per expression:
+  expression/raw, expression/sent, expression/id and expression/object (the index of its object
+  in the record). Records of the earlier one-object format (no expression/object) parse too:
+  their expressions all belong to object 0."""
   import tensorflow as tf
   fixed, var = tf.io.FixedLenFeature, tf.io.VarLenFeature
   return {"image/encoded": fixed([], tf.string), "image/id": fixed([], tf.string),
           "image/width": fixed([], tf.int64), "image/height": fixed([], tf.int64),
-          "ref/id": fixed([], tf.int64), "ann/id": fixed([], tf.int64),
-          "category/id": fixed([], tf.int64), "split": fixed([], tf.string),
-          "box": fixed([4], tf.float32), "mask": fixed([], tf.string),
+          "split": fixed([], tf.string), "ref/id": var(tf.int64), "ann/id": var(tf.int64),
+          "category/id": var(tf.int64), "box": var(tf.float32), "mask": var(tf.string),
           "expression/raw": var(tf.string), "expression/sent": var(tf.string),
-          "expression/id": var(tf.int64)}
+          "expression/id": var(tf.int64), "expression/object": var(tf.int64)}
 
 
 def check_split(split: str) -> None:
