@@ -6,7 +6,7 @@ word, caption a region (box or point prompt), locate (and segment) an expression
   model.caption(["a.jpg", "b.png"], method="beam")    # a batch: one result per image
   model.caption(image, box=(10, 20, 200, 180))        # location-conditioned (pixels of `image`)
   model.caption(image, point=(120, 64))
-  model.locate(image, "the red ball")                 # [x0, y0, x1, y1] in pixels
+  model.locate(image, "the red ball")                 # {"box": [x0, y0, x1, y1]} in pixels
   model.locate(image, "the red ball", mask=True)      # {"box", "mask": bool[H, W]} (refcoco_seg)
   model.describe(image, (10, 20, 200, 180))           # the region's caption (caption with box=)
   model.dense_caption(image, max_boxes=20)            # [{"box", "score", "text"}] (vg_densecap)
@@ -389,8 +389,9 @@ class PixelLLM:
 
   def locate(self, image, query: str, *, mask: bool = False, prompt: str | None = None,
              generate: bool = False):
-    """The box of the object `query` refers to, in pixels of the original image: [x0, y0, x1, y1]
-    (K = 2; [x, y] for a one-point location head); with `mask` also its segmentation.
+    """The box of the object `query` refers to, in pixels of the original image: {"box": [x0, y0,
+    x1, y1]} (K = 2; {"point": [x, y]} for a one-point location head); with `mask` also its
+    segmentation, with `generate` the expression the decoder wrote: always one dict.
 
     The query is the teacher-forced decoder input (BOS + its tokens, no EOS) and the location is
     read at the input position of its last token, where EOS is predicted: the release's
@@ -398,13 +399,13 @@ class PixelLLM:
     training prompt of the checkpoint's task (for RefCOCO "loc": [prefix] + the query, as
     `data/tasks_refcoco.py`; otherwise the captioning prompt).
     With `generate`, the decoder instead writes the expression itself from that prompt (greedy)
-    and the box is read where it emits EOS; the result is then {"box": [...], "expression": the
-    words it wrote}. The release's evaluation, and so the paper's RefCOCO numbers, teacher-force.
+    and the box is read where it emits EOS; the result then also has "expression": the words it
+    wrote. The release's evaluation, and so the paper's RefCOCO numbers, teacher-force.
 
     Args:
       mask: also segment it (SAM's mask decoder prompted with this box; a network with a mask
-        decoder in "eos" mode, `configs/refcoco_seg.py`). Then the result is {"box": [x0, y0, x1,
-        y1], "mask": bool[H, W]} in pixels of the original image.
+        decoder in "eos" mode, `configs/refcoco_seg.py`). The result then also has "mask":
+        bool[H, W] in pixels of the original image.
     Raises ValueError for an empty query, one longer than the decoder (max_target_len - 1
     tokens), an unreadable image (named), or `mask` on a network without that mask decoder.
     """
@@ -487,5 +488,4 @@ class PixelLLM:
       loc = self._location(np.asarray(got["points"])[0, 0], im)
       return {**loc, "expression": " ".join(words)}
     points = np.asarray(_forward(self.network, self.params, batch)["points"])[0, 0, len(ids)]
-    loc = self._location(points, im)
-    return next(iter(loc.values()))
+    return self._location(points, im)

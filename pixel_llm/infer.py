@@ -172,12 +172,8 @@ def run(args) -> int:
           f.write(json.dumps(_locate_with_mask(model, image, query_ids, prompt, args, png)) + "\n")
           continue
         got = model._locate_image(image, query_ids, prompt, generate=args.generate_expression)
-        box = next(iter(got.values())) if isinstance(got, dict) else got
-        record = {"image": image.name, "query": args.query,
-                  ("box" if len(box) == 4 else "point"): box}
-        if isinstance(got, dict):
-          record["expression"] = got["expression"]
-        f.write(json.dumps(record) + "\n")
+        box = got.get("box", got.get("point"))
+        f.write(json.dumps({"image": image.name, "query": args.query, **got}) + "\n")
         xy = np.asarray(box, np.float32).reshape(-1, 2) / np.array([image.w, image.h])
         visualize.save_caption_png(png, image.content, [args.query], xy[None],
                                    scale=_picture_scale(image), title=image.name)

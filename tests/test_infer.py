@@ -138,12 +138,14 @@ def test_box_and_point_prompts(tmp_path, model):
 
 def test_locate_returns_a_box_inside_the_image(tmp_path, model):
   arrays, paths = _images(tmp_path)
-  box = model.locate(paths[0], "the red ball")
+  got = model.locate(paths[0], "the red ball")
+  assert set(got) == {"box"}  # one dict, whichever options
+  box = got["box"]
   assert len(box) == 4
   x0, y0, x1, y1 = box
   assert 0 <= x0 <= x1 <= 90 and 0 <= y0 <= y1 <= 40
   # The location is read at the query's last token: another query moves it.
-  assert not np.allclose(box, model.locate(paths[0], "a blue square"))
+  assert not np.allclose(box, model.locate(paths[0], "a blue square")["box"])
   # Generated expression (tests/test_referring.py checks the read-out position): a box in the
   # image and the words written.
   got = model.locate(paths[0], "the red ball", generate=True)
@@ -205,7 +207,8 @@ def test_infer_cli_writes_jsonl_and_pngs(tmp_path, workdir, model, capsys):
   assert infer.main([f"--checkpoint={workdir}", f"--images={paths[0]}", f"--out={q}",
                      "--query=the red ball"]) == 0
   (line,) = [json.loads(l) for l in open(q / "predictions.jsonl")]
-  np.testing.assert_allclose(line["box"], model.locate(paths[0], "the red ball"), atol=1e-3)
+  np.testing.assert_allclose(line["box"], model.locate(paths[0], "the red ball")["box"],
+                             atol=1e-3)
 
   # A bad image is reported and skipped, the others are written, exit 1.
   (tmp_path / "zz_broken.png").write_bytes(b"junk")
