@@ -12,6 +12,9 @@
               expression target) on records of `python -m pixel_llm.data.build refcoco`; eval on
               the val split (`configs/refcoco.py`). `config.data.refcoco_loco_rate` r > 0 trains
               "loc" jointly with "loco" (loc : loco = 1 : r, one Mixture); eval stays "loc".
+              `config.data.refcoco_expressions_per_image` K > 1: each train example is an image
+              with up to K expressions (needs `config.input.num_prompts` >= K); evaluation
+              batches `config.input.eval_num_prompts` (1: one expression per example).
   "vg"        location-conditioned captioning of Visual Genome regions (`tasks_regions`:
               `config.input.num_prompts` regions per image, GT box prompt -> phrase) on records
               of `python -m pixel_llm.data.build vg` (`configs/loc_caption.py`); train images
