@@ -236,3 +236,35 @@ def test_joint_loc_loco_mixture_through_the_pipeline(tmp_path):
   c.data.refcoco_kind = "loco"
   with pytest.raises(ValueError, match="needs refcoco_kind='loc'"):
     pipeline.prepare(c)
+
+
+def test_referring_breakdown_groups_expressions_by_kind(tmp_path, capsys):
+  """benchmarks/referring_breakdown.py: each kind of synthetic expression lands in its group, and
+  the figures are the rows' own."""
+  import importlib.util
+  import json
+  import pathlib
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "referring_breakdown.py"
+  spec = importlib.util.spec_from_file_location("referring_breakdown", path)
+  breakdown = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(breakdown)
+  assert [breakdown.kind(e) for e in ("the red circle", "The circle on the left",
+                                      "small shape to the left of the blue star",
+                                      "the red shape at the top", "the ring below the square")] == [
+      "attribute", "extreme", "relation", "extreme", "relation"]
+  assert [breakdown.axis(e) for e in ("red circle", "circle on the right", "star above the ring")
+          ] == ["-", "x", "y"]
+  rows = [{"expression": "the red circle", "box": [0, 0, .5, .5], "gt_box": [0, 0, .5, .5],
+           "iou": 1.0},
+          {"expression": "the circle on the left", "box": [0, 0, .2, .2],
+           "gt_box": [.4, .4, .6, .6], "iou": 0.0}]
+  predictions = tmp_path / "p.jsonl"
+  predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = tmp_path / "b.json"
+  assert breakdown.main([f"--predictions={predictions}", f"--out={out}"]) == 0
+  groups = json.loads(out.read_text())["groups"]
+  assert groups["all"]["precision_at_0.5"] == 0.5 and groups["attribute"]["n"] == 1
+  assert groups["extreme"]["mean_iou"] == 0.0
+  np.testing.assert_allclose(groups["extreme"]["centre_error_xy"], [0.4, 0.4])
+  np.testing.assert_allclose(groups["extreme"]["size_error_wh"], [0.0, 0.0])
+  assert "extreme/axis x" in capsys.readouterr().out
