@@ -54,7 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 coco_captions_scale_jitter=() if a.toy else (0.75, 1.25),
                 num_train_images=2000, num_val_images=64, image_size=c.model.image_size, seed=0,
                 prompts=("Describe the image in detail.",), split_sentences=False,
-                eval_batch_size=32 if a.toy else 64)
+                eval_batch_size=32 if a.toy else 64,
+                # Synthetic narratives visit the shapes large-first in reading order ("salient")
+                # or in a random order ("shuffled"; then the trace must be found from the words,
+                # not the order: see `pixel_llm.data.synthetic.NARRATIONS`).
+                synthetic_narration="salient")
 
   c.loss = dict(label_smoothing=0.1, caption_weight=1.0, point_weight=0.1)
 

@@ -41,6 +41,7 @@ from pixel_llm import prefetch
 from pixel_llm import sharding
 from pixel_llm import trainer
 from pixel_llm.data import pipeline
+from pixel_llm.data import vocab as vocab_lib
 from pixel_llm.models import build
 from pixel_llm.models import pretrained
 from pixel_llm.tools import flops
@@ -187,6 +188,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       print(f"Resumed from {workdir}/checkpoints at step {int(state['step'])}", flush=True)
   else:
     state, position = training.init(init_rng), {"batches": 0}
+    if config.get("init_checkpoint", ""):
+      vocab_lib.check_matches(data.vocab.sentencepiece_model_file, config.init_checkpoint)
     if config.get("init_checkpoint", "") or config.frozen_params:
       params = training.cast_frozen(_initial_params(config, jax.device_get(state["params"])))
       state["params"] = jax.device_put(params, training.param_shardings)

@@ -268,3 +268,26 @@ def test_referring_breakdown_groups_expressions_by_kind(tmp_path, capsys):
   np.testing.assert_allclose(groups["extreme"]["centre_error_xy"], [0.4, 0.4])
   np.testing.assert_allclose(groups["extreme"]["size_error_wh"], [0.0, 0.0])
   assert "extreme/axis x" in capsys.readouterr().out
+
+
+def test_grounding_probe_scores_named_and_first_shapes():
+  """benchmarks/grounding_probe.py: the nearest box by centre, and the per-rank shares of
+  pointing at the named shape, at the first one, and chance; one-shape images are left out."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "grounding_probe.py"
+  spec = importlib.util.spec_from_file_location("grounding_probe", path)
+  probe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(probe)
+  boxes = np.array([[0, 0, 10, 10], [50, 50, 70, 70], [0, 80, 20, 100]], np.float32)
+  assert probe.nearest(boxes, np.array([55, 52, 66, 64])) == 1
+  assert probe.nearest(boxes, np.array([2, 85, 6, 90])) == 2
+  rows = [dict(opening="first", rank=1, num_objects=2, nearest=0),
+          dict(opening="first", rank=1, num_objects=3, nearest=1),
+          dict(opening="first", rank=0, num_objects=1, nearest=0),   # one shape: left out
+          dict(opening="also", rank=3, num_objects=4, nearest=3)]
+  table = probe.summarize(rows)
+  assert set(table) == {"first/rank1", "also/rank2+"}
+  assert table["first/rank1"] == {"n": 2, "named": 0.5, "first": 0.5,
+                                  "chance": round((1 / 2 + 1 / 3) / 2, 3)}
+  assert table["also/rank2+"] == {"n": 1, "named": 1.0, "first": 0.0, "chance": 0.25}

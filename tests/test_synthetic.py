@@ -136,31 +136,57 @@ def test_ground_truth_and_trace_dwell(world):
   assert hits >= 0.9 * total
 
 
-def test_captions_follow_the_scene():
-  """Sentence k describes object k with the 3x3 cell of its centre or a true relation to k-1."""
+def _narration_order(ex) -> list[int]:
+  """Objects in the order the narrative first names them (a relation names the previous one,
+  which was named before)."""
+  order = []
+  for k in ex.utterance_objects:
+    if k >= 0 and k not in order:
+      order.append(k)
+  return order
+
+
+@pytest.mark.parametrize("narration", synthetic.NARRATIONS)
+def test_captions_follow_the_scene(narration):
+  """Sentence n describes the n-th narrated object with the 3x3 cell of its centre or a true
+  relation to the one before; salient narratives name the objects in drawing order, shuffled
+  ones in a random order of the same scene."""
   relations = {"to the right of": (1, 0), "to the left of": (-1, 0), "above": (0, -1),
                "below": (0, 1)}
-  seen = set()
+  seen, reordered = set(), 0
   for image_id in range(1, 61):
-    ex = synthetic.make_example(0, image_id)
+    ex = synthetic.make_example(0, image_id, narration=narration)
+    order = _narration_order(ex)
+    assert sorted(order) == list(range(len(ex.objects)))
+    if narration == "salient":
+      assert order == list(range(len(ex.objects)))
+    else:
+      salient = synthetic.make_example(0, image_id)
+      assert ex.objects == salient.objects and ex.jpeg == salient.jpeg
+      reordered += order != sorted(order)
     sentences = ex.record["caption"].lower().rstrip(".").split(". ")
     assert len(sentences) in (len(ex.objects), len(ex.objects) + 1)
     if len(sentences) > len(ex.objects):
       assert "background" in sentences[-1] and f"{ex.stripes} stripes" in sentences[-1]
-    for k, (o, sentence) in enumerate(zip(ex.objects, sentences)):
+    for n, sentence in enumerate(sentences[:len(ex.objects)]):
+      o = ex.objects[order[n]]
       assert f"a {o.size} {o.color} {o.shape}" in sentence
       col, row = (min(int(v * 3), 2) for v in o.center)
       if synthetic.POSITIONS[row][col] in sentence:
         seen.add("position")
         continue
       rel = [r for r in relations if r in sentence]
-      assert k > 0 and len(rel) == 1, sentence
+      assert n > 0 and len(rel) == 1, sentence
       seen.add(rel[0])
-      d = np.subtract(o.center, ex.objects[k - 1].center)
+      d = np.subtract(o.center, ex.objects[order[n - 1]].center)
       axis = int(np.abs(d).argmax())
       assert np.sign(d[axis]) == sum(relations[rel[0]]) and relations[rel[0]][axis] != 0
       assert abs(d[axis]) >= 0.2
   assert seen == {"position", *relations}
+  if narration == "shuffled":
+    assert reordered >= 15  # of the 60 images, ~2/3 have several shapes
+  with pytest.raises(ValueError, match="narration must be one of"):
+    synthetic.make_example(0, 1, narration="random")
 
 
 def test_determinism_and_independence(world, tmp_path):
@@ -204,6 +230,29 @@ def test_train_spm_is_deterministic(tmp_path):
   for ext in (".model", ".vocab"):
     with open(p1.replace(".model", ext), "rb") as f1, open(p2.replace(".model", ext), "rb") as f2:
       assert f1.read() == f2.read()
+
+
+def test_init_checkpoint_vocabulary_must_match(tmp_path):
+  """vocab.check_matches: a trainer workdir's spiece.model is found from its checkpoint folder;
+  the same pieces pass, other pieces (as another narration of the world trains) are an error."""
+  texts = [synthetic.make_example(1, i).record["caption"] for i in range(1, 31)]
+  shuffled = [synthetic.make_example(1, i, narration="shuffled").record["caption"]
+              for i in range(1, 31)]
+  for name in ("w1", "w2"):
+    (tmp_path / name).mkdir()
+  ours = vocab_lib.train_spm(texts, str(tmp_path / "ours"), vocab_size=96)
+  same = vocab_lib.train_spm(texts, str(tmp_path / "w1" / "spiece"), vocab_size=96)
+  other = vocab_lib.train_spm(shuffled, str(tmp_path / "w2" / "spiece"), vocab_size=96)
+  assert vocab_lib.pieces(other) != vocab_lib.pieces(ours)
+  state = tmp_path / "w1" / "checkpoints" / "500" / "state"
+  state.mkdir(parents=True)
+  assert vocab_lib.check_matches(ours, str(state)) == same
+  assert vocab_lib.check_matches(ours, str(tmp_path / "w1")) == same
+  (tmp_path / "w2" / "checkpoints" / "500").mkdir(parents=True)
+  with pytest.raises(ValueError, match="ids differ"):
+    vocab_lib.check_matches(ours, str(tmp_path / "w2" / "checkpoints" / "500"))
+  (tmp_path / "converted").mkdir()
+  assert vocab_lib.check_matches(ours, str(tmp_path / "converted")) is None
 
 
 def test_cli(tmp_path):

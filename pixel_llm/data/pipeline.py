@@ -24,7 +24,8 @@
                and WebLI formats when the task needs them), build its TFRecords with the same
                builders as real data, then read them through the seqio tasks. The cache is
                `config.data.root`, else $PIXEL_LLM_DATA_DIR/synthetic-<settings>, else
-               ~/.cache/pixel_llm/synthetic-<settings>.
+               ~/.cache/pixel_llm/synthetic-<settings>. `config.data.synthetic_narration`
+               ("salient" or "shuffled", `synthetic.NARRATIONS`) orders the narratives.
   "files"      (or "ln") real TFRecords: `config.data.tfrecords` (pattern with "{split}"; LN records for task
                "ln", caption records for "captions", RefCOCO records for "refcoco") and `config.data.vocab` (Flan-T5's
                spiece.model), or the environment variables PIXEL_LLM_LN_TFRECORDS /
@@ -73,6 +74,8 @@ def _synthetic_root(config) -> str:
                   generator=synthetic.VERSION)
   if _synthetic_formats(config):  # (LN-only worlds keep their earlier cache names)
     settings["formats"] = list(_synthetic_formats(config))
+  if d.get("synthetic_narration", "salient") != "salient":  # (salient worlds keep their names)
+    settings["narration"] = d.synthetic_narration
   if "refcoco" in _synthetic_formats(config):
     settings["refcoco_records"] = "per_image"  # `build.py refcoco` writes one record per image
   key = json.dumps(settings, sort_keys=True)
@@ -106,7 +109,8 @@ def ensure_synthetic(config) -> str:
   for split, n in (("train", d.num_train_images), ("val", d.num_val_images)):
     examples = []
     synthetic.generate(tmp, n, d.seed, image_size=d.image_size, split=split,
-                       on_example=examples.append)
+                       on_example=examples.append,
+                       narration=d.get("synthetic_narration", "salient"))
     images = os.path.join(tmp, "images", f"{split}2017")
     _build(["ln", "--annotations", synthetic.annotation_path(tmp, split), "--images", images,
             "--out", records, "--split", split])

@@ -6,7 +6,8 @@ r"""A synthetic Localized-Narratives world: shape scenes, spoken-style captions 
 
 Each image holds 1-4 shapes (circle, square, triangle, star, ring, diamond; seven colours; small or
 large; later shapes may occlude earlier ones) over a noisy striped background. Its narrative has one
-sentence per shape, large shapes first and then in reading order, from a few templates (absolute
+sentence per shape, large shapes first and then in reading order (or, with
+`narration="shuffled"`, in a random order: see NARRATIONS), from a few templates (absolute
 positions such as "in the top left corner" and relations to the previous shape such as "to the
 right of it"), sometimes a sentence about the background. The caption is cut into timed utterances of 1-4 words spoken at 2-3 words/s, and a
 simulated mouse dwells inside shape k's box while an utterance about shape k is spoken, moving
@@ -48,6 +49,12 @@ POSITIONS = (("in the top left corner", "at the top", "in the top right corner")
              ("in the bottom left corner", "at the bottom", "in the bottom right corner"))
 STRIPES = ("horizontal", "vertical", "diagonal")
 TASK_PROMPTS = ("Describe the image in detail.", "Describe the region.", "Where is it?")
+# Order in which a narrative visits the shapes. "salient": large first, then reading order, as
+# annotators tend to; then the k-th object named is predictable from the layout alone, so a
+# model can point at it without reading its colour or shape. "shuffled": a uniformly random
+# order per image (drawing order unchanged), so pointing at "a small red circle" needs those
+# words (benchmarks/grounding_probe.py measures which a checkpoint does).
+NARRATIONS = ("salient", "shuffled")
 
 NO_OBJECT = -1   # Utterance about no object ("In this image I can see").
 BACKGROUND = -2  # Utterance about the background; the mouse sweeps the image.
@@ -185,13 +192,21 @@ def _cap(text: str) -> str:
   return text[0].upper() + text[1:]
 
 
-def compose(objects, stripes: str, rng: np.random.Generator) -> list[list[tuple[str, int]]]:
+def compose(objects, stripes: str, rng: np.random.Generator, narration: str = "salient"
+            ) -> list[list[tuple[str, int]]]:
   """Sentences as lists of (phrase, referent): object index, NO_OBJECT or BACKGROUND."""
+  if narration not in NARRATIONS:
+    raise ValueError(f"narration must be one of {NARRATIONS}, got {narration!r}")
+  # The salient order draws nothing, so its worlds stay as they were before "shuffled" existed.
+  order = (list(range(len(objects))) if narration == "salient" else
+           [int(i) for i in rng.permutation(len(objects))])
   sentences = []
-  for k, o in enumerate(objects):
+  for n, k in enumerate(order):
+    o = objects[k]
     desc, pos = f"a {o.size} {o.name}", _position(o)
-    rel = _relation(o, objects[k - 1]) if k else None
-    if k == 0:
+    prev = order[n - 1] if n else None
+    rel = _relation(o, objects[prev]) if n else None
+    if n == 0:
       intro = ("In this image I can see", "In this picture there is", "In this image there is",
                "I can see")[rng.integers(4)]
       sentence = [(intro, NO_OBJECT), (f"{desc} {pos}", k)]
@@ -203,7 +218,7 @@ def compose(objects, stripes: str, rng: np.random.Generator) -> list[list[tuple[
         sentence = [(("There is also", "I can also see", "We can also see")[v], NO_OBJECT),
                     (f"{desc} {pos}", k)]
     else:
-      j, the = k - 1, f"the {objects[k - 1].name}"
+      j, the = prev, f"the {objects[prev].name}"
       v = rng.integers(3)
       if v == 0:
         sentence = [(f"{_cap(rel)} it", j), ("there is", NO_OBJECT), (desc, k)]
@@ -299,14 +314,15 @@ def simulate_traces(utterances, objects, rng: np.random.Generator) -> list[list[
   return segments
 
 
-def make_example(seed: int, image_id: int, split: str = "train", image_size: int = 128) -> Example:
-  """The example for `image_id`; a pure function of its arguments."""
+def make_example(seed: int, image_id: int, split: str = "train", image_size: int = 128,
+                 narration: str = "salient") -> Example:
+  """The example for `image_id`; a pure function of its arguments (NARRATIONS: `narration`)."""
   # Separate streams, so the narrative does not depend on the image size (or vice versa).
   scene_rng, pixel_rng, talk_rng = (np.random.default_rng(s) for s in
                                     np.random.SeedSequence([seed, image_id]).spawn(3))
   objects, stripes = sample_scene(scene_rng)
   pixels = render(objects, stripes, image_size, pixel_rng)
-  utterances = speak(compose(objects, stripes, talk_rng), talk_rng)
+  utterances = speak(compose(objects, stripes, talk_rng, narration), talk_rng)
   traces = simulate_traces(utterances, objects, talk_rng)
   annotator = int(talk_rng.integers(100))
   record = {
@@ -332,13 +348,14 @@ def annotation_path(out_dir: str, split: str) -> str:
 
 def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128,
              split: str = "train", start_id: int | None = None,
-             write_vocab: bool | None = None, on_example=None) -> list[dict]:
+             write_vocab: bool | None = None, on_example=None,
+             narration: str = "salient") -> list[dict]:
   """Writes `num_images` images + one LN JSONL file for `split`; returns the records.
 
   Image ids are `start_id, start_id + 1, ...` (default TRAIN_START_ID or VAL_START_ID). The
   SentencePiece model (DIR/spiece.model) is trained on the captions + TASK_PROMPTS when
   `write_vocab` (default: for the train split). `on_example(example)` sees each `Example` (the
-  other formats of `synthetic_formats` are written from them).
+  other formats of `synthetic_formats` are written from them). `narration`: see NARRATIONS.
   """
   if split not in ("train", "val"):
     raise ValueError(f"split must be train or val, got {split!r}")
@@ -349,7 +366,7 @@ def generate(out_dir: str, num_images: int, seed: int, image_size: int = 128,
   records = []
   with open(annotation_path(out_dir, split), "w", encoding="utf-8") as f:
     for image_id in range(start_id, start_id + num_images):
-      ex = make_example(seed, image_id, split, image_size)
+      ex = make_example(seed, image_id, split, image_size, narration)
       with open(os.path.join(image_dir, f"{image_id:012d}.jpg"), "wb") as img:
         img.write(ex.jpeg)
       f.write(json.dumps(ex.record) + "\n")
@@ -380,7 +397,8 @@ def main(argv):
   examples = []
   extra = set(f.formats) - {"ln"}
   for split, n in counts.items():
-    generate(f.out, n, f.seed, f.image_size, split, on_example=examples.append if extra else None)
+    generate(f.out, n, f.seed, f.image_size, split, on_example=examples.append if extra else None,
+             narration=f.narration)
     print(f"wrote {n} {split} images to {f.out}")
   if extra:
     from pixel_llm.data import synthetic_formats
@@ -403,6 +421,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_images", 1000, "Images (of the train split; of val with --split=val).")
   flags.DEFINE_integer("seed", 0, "Seed; image i is a function of (seed, image id) only.")
   flags.DEFINE_integer("image_size", 128, "Side of the square images, in pixels.")
+  flags.DEFINE_enum("narration", "salient", list(NARRATIONS),
+                    "Order in which narratives visit the shapes (NARRATIONS).")
   flags.DEFINE_enum("split", "train", ["train", "val", "both"], "Split(s) to write.")
   flags.DEFINE_integer("val_images", None, "Val images with --split=both (default num_images/10).")
   flags.DEFINE_list("formats", ["ln"], "Annotation formats: ln (always written, with the images), "

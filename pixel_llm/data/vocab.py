@@ -76,3 +76,33 @@ def load(path: str):
   """seqio.SentencePieceVocabulary for a model written by `train_spm` (no extra ids)."""
   import seqio  # Imports TensorFlow: keep it out of module import.
   return seqio.SentencePieceVocabulary(path, extra_ids=0)
+
+
+def pieces(path: str) -> list[str]:
+  """The pieces of a SentencePiece model in id order."""
+  sp = spm.SentencePieceProcessor(model_file=path)
+  return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+
+
+def check_matches(vocab_path: str, checkpoint_path: str) -> str | None:
+  """Raises ValueError when the trainer workdir holding `checkpoint_path` (one of its
+  checkpoints/<step>/... folders, or the workdir itself) saved a vocabulary other than
+  `vocab_path`'s: its token ids would mean other words here. Returns the checkpoint's vocabulary
+  file, or None when there is none to compare (e.g. converted public weights)."""
+  folder = os.path.abspath(checkpoint_path)
+  for _ in range(4):  # WORKDIR/checkpoints/<step>/<item>
+    theirs = os.path.join(folder, "spiece.model")
+    if os.path.exists(theirs):
+      break
+    folder = os.path.dirname(folder)
+  else:
+    return None
+  ours, other = pieces(vocab_path), pieces(theirs)
+  if ours != other:
+    differ = sum(a != b for a, b in zip(ours, other)) + abs(len(ours) - len(other))
+    raise ValueError(
+        f"The init checkpoint's vocabulary {theirs} ({len(other)} pieces) is not this run's "
+        f"{vocab_path} ({len(ours)} pieces; {differ} ids differ), so its token ids would mean "
+        "other words. Train both stages on the same vocabulary (for the synthetic world: the "
+        "same config.data seed, num_train_images and synthetic_narration).")
+  return theirs
