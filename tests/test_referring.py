@@ -291,3 +291,14 @@ def test_grounding_probe_scores_named_and_first_shapes():
   assert table["first/rank1"] == {"n": 2, "named": 0.5, "first": 0.5,
                                   "chance": round((1 / 2 + 1 / 3) / 2, 3)}
   assert table["also/rank2+"] == {"n": 1, "named": 1.0, "first": 0.0, "chance": 0.25}
+  names = probe.caption_names("A small Red circle. Above the red circle there is a blue ringing "
+                              "square", ("red", "blue"), ("circle", "ring", "square"))
+  assert names == {"colour": {"red", "blue"}, "shape": {"circle", "square"},
+                   "pair": {("red", "circle")}}
+  truth = [{"colour": {"red"}, "shape": {"circle", "star"},
+            "pair": {("red", "circle"), ("red", "star")}}]
+  pr = probe.precision_recall([names], truth, {"colour": 2, "shape": 4, "pair": 8})
+  assert pr["colour"] == {"precision": 0.5, "recall": 1.0, "named": 2, "present": 1,
+                          "chance": 0.5}
+  assert pr["shape"]["precision"] == 0.5 and pr["shape"]["recall"] == 0.5
+  assert pr["pair"] == {"precision": 1.0, "recall": 0.5, "named": 1, "present": 2, "chance": 0.25}
