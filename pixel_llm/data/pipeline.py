@@ -66,6 +66,11 @@ def _synthetic_formats(config) -> tuple[str, ...]:
   return ("coco_captions",) if d.get("coco_captions_rate", 0.0) > 0 else ()
 
 
+def _narration(config) -> str:
+  """The synthetic narratives' order (`synthetic.NARRATIONS`); configs without it: "salient"."""
+  return config.data.get("synthetic_narration", "salient")
+
+
 def _synthetic_root(config) -> str:
   d = config.data
   if d.get("root"):
@@ -74,8 +79,8 @@ def _synthetic_root(config) -> str:
                   generator=synthetic.VERSION)
   if _synthetic_formats(config):  # (LN-only worlds keep their earlier cache names)
     settings["formats"] = list(_synthetic_formats(config))
-  if d.get("synthetic_narration", "salient") != "salient":  # (salient worlds keep their names)
-    settings["narration"] = d.synthetic_narration
+  if _narration(config) != "salient":  # (salient worlds keep their earlier cache names)
+    settings["narration"] = _narration(config)
   if "refcoco" in _synthetic_formats(config):
     settings["refcoco_records"] = "per_image"  # `build.py refcoco` writes one record per image
   key = json.dumps(settings, sort_keys=True)
@@ -110,7 +115,7 @@ def ensure_synthetic(config) -> str:
     examples = []
     synthetic.generate(tmp, n, d.seed, image_size=d.image_size, split=split,
                        on_example=examples.append,
-                       narration=d.get("synthetic_narration", "salient"))
+                       narration=_narration(config))
     images = os.path.join(tmp, "images", f"{split}2017")
     _build(["ln", "--annotations", synthetic.annotation_path(tmp, split), "--images", images,
             "--out", records, "--split", split])
