@@ -27,11 +27,15 @@ from pixel_llm.data import pipeline  # pylint: disable=g-import-not-at-top
 
 
 def gt_box_prompts(batch: dict) -> np.ndarray:
-  """The box at EOS of each example (its point targets where point_weights > 0), as the prompt:
-  float32[B, 1, 4]."""
-  at = np.asarray(batch["point_weights"])[:, 0].argmax(-1)
-  corners = np.asarray(batch["point_targets"])[np.arange(len(at)), 0, at]  # [B, 2, 2]
-  return np.concatenate([corners.min(1), corners.max(1)], -1)[:, None].astype(np.float32)
+  """The box at EOS of every expression (its point targets where point_weights > 0) as that
+  expression's location prompt: point_weights float[B, R, T], point_targets float[B, R, T, 2, 2]
+  -> float32[B, R, 4] xyxy (a zero box for padded expressions, which carry no weight)."""
+  weights = np.asarray(batch["point_weights"])
+  at = weights.argmax(-1)  # [B, R]
+  targets = np.asarray(batch["point_targets"])
+  corners = np.take_along_axis(targets, at[..., None, None, None], axis=2)[:, :, 0]  # [B, R, 2, 2]
+  boxes = np.concatenate([corners.min(2), corners.max(2)], -1)
+  return np.where(weights.any(-1)[..., None], boxes, 0.0).astype(np.float32)
 
 
 def main():

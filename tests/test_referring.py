@@ -302,3 +302,22 @@ def test_grounding_probe_scores_named_and_first_shapes():
                           "chance": 0.5}
   assert pr["shape"]["precision"] == 0.5 and pr["shape"]["recall"] == 0.5
   assert pr["pair"] == {"precision": 1.0, "recall": 0.5, "named": 1, "present": 2, "chance": 0.25}
+
+
+def test_referring_probe_prompts_each_expression_with_its_box():
+  """benchmarks/referring_probe.py --prompt_gt_box: every packed expression gets the box of its
+  own EOS position; padded expressions a zero box."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "referring_probe.py"
+  spec = importlib.util.spec_from_file_location("referring_probe", path)
+  probe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(probe)
+  weights = np.zeros((1, 3, 5), np.float32)
+  targets = np.zeros((1, 3, 5, 2, 2), np.float32)
+  weights[0, 0, 2] = 1.0
+  targets[0, 0, 2] = [[0.6, 0.1], [0.2, 0.5]]  # corners in either order
+  weights[0, 1, 4] = 1.0
+  targets[0, 1, 4] = [[0.1, 0.2], [0.3, 0.4]]
+  boxes = probe.gt_box_prompts({"point_weights": weights, "point_targets": targets})
+  np.testing.assert_allclose(boxes, [[[0.2, 0.1, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4], [0, 0, 0, 0]]])
