@@ -10,8 +10,10 @@ expression, box, gt_box, iou) and splits them by the synthetic world's expressio
   extreme    "the circle on the left", "the red shape at the top"
   attribute  "the red circle", "the large shape" (no other object has those attributes)
 and, within each, by axis words (left/right vs top/bottom/above/below). Also the mean absolute
-error of box centre and size (fractions of the padded square's side). Prints a table; writes JSON
-with --out.
+error of box centre and size (fractions of the padded square's side), and how a miss splits into
+picking the wrong object and drawing the right one badly: "on object" is the share of boxes whose
+centre lies inside the GT box, "P@0.5 on obj." the precision among those. Prints a table; writes
+JSON with --out.
 """
 import argparse
 import json
@@ -43,7 +45,11 @@ def summarise(rows: list[dict]) -> dict:
   iou = np.array([r["iou"] for r in rows])
   centre = np.abs((box[:, :2] + box[:, 2:]) - (gt[:, :2] + gt[:, 2:])) / 2
   size = np.abs((box[:, 2:] - box[:, :2]) - (gt[:, 2:] - gt[:, :2]))
-  return {"n": len(rows), "precision_at_0.5": float((iou > 0.5).mean()),
+  mid = (box[:, :2] + box[:, 2:]) / 2
+  on = ((mid > gt[:, :2]) & (mid < gt[:, 2:])).all(-1)
+  return {"on_object": float(on.mean()),
+          "precision_at_0.5_on_object": float((iou[on] > 0.5).mean()) if on.any() else 0.0,
+          "n": len(rows), "precision_at_0.5": float((iou > 0.5).mean()),
           "mean_iou": float(iou.mean()), "centre_error_xy": centre.mean(0).round(4).tolist(),
           "size_error_wh": size.mean(0).round(4).tolist()}
 
@@ -66,11 +72,13 @@ def main(argv=None) -> int:
     groups.setdefault(kind(r["expression"]), []).append(r)
     groups.setdefault(f"{kind(r['expression'])}/axis {axis(r['expression'])}", []).append(r)
   table = {name: summarise(g) for name, g in sorted(groups.items())}
-  print(f"{'group':<24} {'n':>4} {'P@0.5':>6} {'mIoU':>6} {'centre err x/y':>15} {'size err w/h':>13}")
+  print(f"{'group':<24} {'n':>4} {'P@0.5':>6} {'mIoU':>6} {'centre err x/y':>15} {'size err w/h':>13} "
+        f"{'on object':>9} {'P@0.5 on obj.':>13}")
   for name, s in table.items():
     print(f"{name:<24} {s['n']:>4} {s['precision_at_0.5']:>6.3f} {s['mean_iou']:>6.3f} "
           f"{s['centre_error_xy'][0]:>7.3f}/{s['centre_error_xy'][1]:<7.3f} "
-          f"{s['size_error_wh'][0]:>6.3f}/{s['size_error_wh'][1]:<6.3f}")
+          f"{s['size_error_wh'][0]:>6.3f}/{s['size_error_wh'][1]:<6.3f} "
+          f"{s['on_object']:>9.3f} {s['precision_at_0.5_on_object']:>13.3f}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"predictions": args.predictions, "groups": table,

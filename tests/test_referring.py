@@ -257,13 +257,20 @@ def test_referring_breakdown_groups_expressions_by_kind(tmp_path, capsys):
   rows = [{"expression": "the red circle", "box": [0, 0, .5, .5], "gt_box": [0, 0, .5, .5],
            "iou": 1.0},
           {"expression": "the circle on the left", "box": [0, 0, .2, .2],
-           "gt_box": [.4, .4, .6, .6], "iou": 0.0}]
+           "gt_box": [.4, .4, .6, .6], "iou": 0.0},
+          # On the right object (centre inside the GT box), drawn too large.
+          {"expression": "the large ring", "box": [.3, .3, .9, .9], "gt_box": [.5, .5, .7, .7],
+           "iou": 0.04 / 0.36}]
   predictions = tmp_path / "p.jsonl"
   predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "b.json"
   assert breakdown.main([f"--predictions={predictions}", f"--out={out}"]) == 0
   groups = json.loads(out.read_text())["groups"]
-  assert groups["all"]["precision_at_0.5"] == 0.5 and groups["attribute"]["n"] == 1
+  assert groups["all"]["precision_at_0.5"] == 1 / 3 and groups["attribute"]["n"] == 2
+  assert groups["all"]["on_object"] == 2 / 3
+  assert groups["all"]["precision_at_0.5_on_object"] == 0.5
+  assert groups["extreme"]["on_object"] == 0.0
+  assert groups["extreme"]["precision_at_0.5_on_object"] == 0.0
   assert groups["extreme"]["mean_iou"] == 0.0
   np.testing.assert_allclose(groups["extreme"]["centre_error_xy"], [0.4, 0.4])
   np.testing.assert_allclose(groups["extreme"]["size_error_wh"], [0.0, 0.0])
