@@ -39,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.name = f"loc_caption_{dataset}" + (":toy" if toy else "")
   # The synthetic world builds train and val only.
   splits = ("val",) if toy else EVAL_SPLITS[dataset]
+  if toy:  # 128 held-out images (437 regions) rather than 32 (105): see configs/refcoco.py
+    c.data.num_val_images = 256
   if dataset == "vg":
     # The release's VG train augmentation: scale jitter 0.1-2.0 and a horizontal flip (which
     # here also swaps "left" / "right" in the phrases); eval images are never augmented. The toys

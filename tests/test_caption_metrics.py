@@ -174,3 +174,27 @@ def test_spice_without_corenlp_is_a_clear_error(monkeypatch, tmp_path):
       spice(preds, refs, corenlp_dir=str(tmp_path))
   with pytest.raises(SpiceUnavailableError, match="not found"):
     spice(preds, refs, java="no-such-java-binary")
+
+
+def test_caption_attributes_scores_the_words_that_depend_on_the_image(tmp_path):
+  """benchmarks/caption_attributes.py: per attribute the reference names, whether the
+  prediction names the same value; attributes a reference leaves out are not counted."""
+  import importlib.util
+  import json
+  import pathlib
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "caption_attributes.py"
+  spec = importlib.util.spec_from_file_location("caption_attributes", path)
+  attributes = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(attributes)
+  assert attributes.named("A small Red ringed circle", ("circle", "ring")) == "circle"
+  rows = [{"prediction": "a small red ring", "references": ["a small red circle"]},
+          {"prediction": "a blue star", "references": ["the large blue star"]},
+          {"prediction": "a red shape", "references": ["a green shape"]}]
+  predictions = tmp_path / "p.jsonl"
+  predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = tmp_path / "a.json"
+  assert attributes.main([f"--predictions={predictions}", f"--out={out}"]) == 0
+  table = json.loads(out.read_text())["attributes"]
+  assert table["colour"]["n"] == 3 and table["colour"]["accuracy"] == 2 / 3
+  assert table["shape"] == {"n": 2, "accuracy": 0.5, "chance": 1 / 6}
+  assert table["size"]["n"] == 2 and table["size"]["accuracy"] == 0.5
