@@ -11,11 +11,14 @@ Chance is one over the number of values of the attribute (`pixel_llm.data.synthe
 table; writes JSON with --out.
 """
 import argparse
-import json
+import os
 import re
 import sys
 
 from pixel_llm.data import synthetic
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import prediction_files  # pylint: disable=g-import-not-at-top
 
 ATTRIBUTES = {"colour": tuple(synthetic.COLORS), "shape": synthetic.SHAPES,
               "size": tuple(synthetic.SIZES)}
@@ -43,18 +46,14 @@ def main(argv=None) -> int:
   p.add_argument("--predictions", required=True, help="W/eval/<name>.predictions.jsonl")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
-  with open(args.predictions) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  if not rows or not {"prediction", "references"} <= set(rows[0]):
-    raise SystemExit(f"{args.predictions}: needs caption rows with 'prediction' and 'references'")
+  rows = prediction_files.read(args.predictions, {"prediction", "references"}, "a caption "
+                              "evaluator's")
   table = score(rows)
   print(f"{'attribute':<8} {'n':>5} {'accuracy':>8} {'chance':>6}")
   for name, s in table.items():
     print(f"{name:<8} {s['n']:>5} {s['accuracy']:>8.3f} {s['chance']:>6.3f}")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"predictions": args.predictions, "attributes": table,
-                 "command": " ".join(sys.argv)}, f, indent=1)
+    prediction_files.write(args.out, args.predictions, "attributes", table)
   return 0
 
 

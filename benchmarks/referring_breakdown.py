@@ -16,11 +16,14 @@ centre lies inside the GT box, "P@0.5 on obj." the precision among those. Prints
 JSON with --out.
 """
 import argparse
-import json
+import os
 import re
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import prediction_files  # pylint: disable=g-import-not-at-top
 
 _RELATION = re.compile(r"\b(to the left of|to the right of|above|below)\b")
 _EXTREME = re.compile(r"\b(on the left|on the right|at the top|at the bottom)\b")
@@ -59,14 +62,8 @@ def main(argv=None) -> int:
   p.add_argument("--predictions", required=True, help="W/eval/<name>.predictions.jsonl")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
-  with open(args.predictions) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  if not rows:
-    raise SystemExit(f"{args.predictions}: no prediction rows")
-  missing = {"expression", "box", "gt_box", "iou"} - set(rows[0])
-  if missing:
-    raise SystemExit(f"{args.predictions}: rows lack {sorted(missing)} (a referring evaluator's "
-                     "predictions file is needed)")
+  rows = prediction_files.read(args.predictions, {"expression", "box", "gt_box", "iou"},
+                              "a referring evaluator's")
   groups = {"all": rows}
   for r in rows:
     groups.setdefault(kind(r["expression"]), []).append(r)
@@ -80,9 +77,7 @@ def main(argv=None) -> int:
           f"{s['size_error_wh'][0]:>6.3f}/{s['size_error_wh'][1]:<6.3f} "
           f"{s['on_object']:>9.3f} {s['precision_at_0.5_on_object']:>13.3f}")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"predictions": args.predictions, "groups": table,
-                 "command": " ".join(sys.argv)}, f, indent=1)
+    prediction_files.write(args.out, args.predictions, "groups", table)
   return 0
 
 
