@@ -46,15 +46,14 @@ def axis(expression: str) -> str:
 def summarise(rows: list[dict]) -> dict:
   box, gt = np.array([r["box"] for r in rows]), np.array([r["gt_box"] for r in rows])
   iou = np.array([r["iou"] for r in rows])
-  centre = np.abs((box[:, :2] + box[:, 2:]) - (gt[:, :2] + gt[:, 2:])) / 2
-  size = np.abs((box[:, 2:] - box[:, :2]) - (gt[:, 2:] - gt[:, :2]))
   mid = (box[:, :2] + box[:, 2:]) / 2
-  on = ((mid > gt[:, :2]) & (mid < gt[:, 2:])).all(-1)
-  return {"on_object": float(on.mean()),
-          "precision_at_0.5_on_object": float((iou[on] > 0.5).mean()) if on.any() else 0.0,
-          "n": len(rows), "precision_at_0.5": float((iou > 0.5).mean()),
+  centre = np.abs(mid - (gt[:, :2] + gt[:, 2:]) / 2)
+  size = np.abs((box[:, 2:] - box[:, :2]) - (gt[:, 2:] - gt[:, :2]))
+  on = ((mid > gt[:, :2]) & (mid < gt[:, 2:])).all(-1)  # the box is centred on the GT object
+  return {"n": len(rows), "precision_at_0.5": float((iou > 0.5).mean()),
           "mean_iou": float(iou.mean()), "centre_error_xy": centre.mean(0).round(4).tolist(),
-          "size_error_wh": size.mean(0).round(4).tolist()}
+          "size_error_wh": size.mean(0).round(4).tolist(), "on_object": float(on.mean()),
+          "precision_at_0.5_on_object": float((iou[on] > 0.5).mean()) if on.any() else 0.0}
 
 
 def main(argv=None) -> int:
