@@ -283,7 +283,10 @@ def _image_features(image_id: int, image_bytes: bytes, width: int, height: int) 
 
 def _write_records(items, args, problems: Problems, writer: ShardedWriter, progress: Progress,
                    make_example, sizes_must_match: bool) -> None:
-  """Reports the reader's Problems, finds and checks each record's image, writes the rest."""
+  """Reports the reader's Problems, finds and checks each record's image, writes the rest.
+
+  items: reader Problems and records (RefImage, CaptionRecord) with `issue_sources()`.
+  """
   cache = {}
   try:
     for item in items:
@@ -300,9 +303,7 @@ def _write_records(items, args, problems: Problems, writer: ShardedWriter, progr
         problems.report("size_mismatch", item.where, f"{path} is {width}x{height}, the "
                         f"annotations say {item.width}x{item.height}", kept=False)
         continue
-      sources = (item.issue_sources() if hasattr(item, "issue_sources")
-                 else [(item.where, getattr(item, "issues", {}))])
-      for where, issues in sources:
+      for where, issues in item.issue_sources():
         for kind, n in sorted(issues.items()):
           problems.report(kind, where, _KEPT_TEXT[kind].format(n=n), kept=True, count=n)
       with open(path, "rb") as f:

@@ -64,6 +64,11 @@ class CaptionRecord:
   caption_ids: list[int]
   split: str
 
+  def issue_sources(self) -> list:
+    """(where, kept issues) pairs for the build report: a caption record keeps none (its flawed
+    captions are skipped as Problems by the reader)."""
+    return []
+
 
 def load_json(path: str, keys: Sequence[str] = ()) -> dict:
   """The JSON object in `path`, which must hold a list under each of `keys`; raises FileError."""
