@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from pixel_llm import workdir as layout
+
 InputError = ValueError  # bad images, boxes, points or queries raise ValueError naming the input
 
 
@@ -42,22 +44,18 @@ def _find_checkpoint(path: str, step: int | None) -> tuple[str, str, str | None]
   `path`: a trainer workdir (config.json + checkpoints/<step>/), its checkpoints/ folder, one
   checkpoints/<step>/ folder, or a `pixel_llm.tools.convert` output (config.json + params/).
   """
-  path = os.path.abspath(path)
   if not os.path.isdir(path):
-    raise CheckpointNotFoundError(f"Checkpoint {path!r} does not exist.")
-  if os.path.basename(path).isdigit() and step is None:  # checkpoints/<step>
-    step, path = int(os.path.basename(path)), os.path.dirname(path)
-  if os.path.basename(path) == "checkpoints" and not os.path.exists(
-      os.path.join(path, "config.json")):
-    path = os.path.dirname(path)
-  config = os.path.join(path, "config.json")
+    raise CheckpointNotFoundError(f"Checkpoint {os.path.abspath(path)!r} does not exist.")
+  path, step_in_path, _ = layout.locate(path)
+  step = step_in_path if step is None else step
+  config = os.path.join(path, layout.CONFIG)
   if not os.path.exists(config):
     raise CheckpointNotFoundError(f"{path} has no config.json: pass a trainer workdir "
                                   "(`python -m pixel_llm.train --workdir=...`).")
   if os.path.isdir(os.path.join(path, "params")) and not os.path.isdir(
-      os.path.join(path, "checkpoints")):
+      os.path.join(path, layout.CHECKPOINTS)):
     return config, os.path.join(path, "params"), None
-  root = os.path.join(path, "checkpoints")
+  root = os.path.join(path, layout.CHECKPOINTS)
   steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
   if not steps:
     raise CheckpointNotFoundError(f"{path} has no checkpoints/<step>/ folder.")
@@ -66,9 +64,7 @@ def _find_checkpoint(path: str, step: int | None) -> tuple[str, str, str | None]
   elif step not in steps:
     raise CheckpointNotFoundError(f"{path} has no checkpoint at step {step} (it has {steps}).")
   folder = os.path.join(root, str(step))
-  # The trainer's checkpoints hold the items state/ and data/ (`pixel_llm/checkpoints.py`); those
-  # of earlier versions a single unnamed item in default/.
-  for item in ("state", "default"):
+  for item in layout.PARAMS_ITEMS:
     if os.path.isdir(os.path.join(folder, item)):
       folder = os.path.join(folder, item)
       break
@@ -113,7 +109,7 @@ def _restore_params(folder: str, key: str | None, abstract: Any) -> Any:
 
 def _vocab_path(config, workdir: str) -> str:
   """The SentencePiece model: WORKDIR/spiece.model, else where the trainer's data came from."""
-  own = os.path.join(workdir, "spiece.model")
+  own = os.path.join(workdir, layout.VOCAB)
   if os.path.exists(own):
     return own
   d = config.data

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from pixel_llm import workdir as layout
+
 # Orbax's default writes every replicated array "replica-parallel": each replica slices off its
 # part, and each slice of a new shape is a new XLA program, so a model's first save compiles one
 # program per distinct parameter shape (~20 s of a 4-step CPU test run; benchmarks/RESULTS.md).
@@ -36,7 +38,7 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 def manager(workdir: str, keep: int = 2, asynchronous: bool = True) -> ocp.CheckpointManager:
   """asynchronous: training goes on while a checkpoint is written (False: `save` blocks)."""
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      os.path.abspath(os.path.join(workdir, layout.CHECKPOINTS)),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=asynchronous),
       item_handlers={"state": _state_handler(), "data": ocp.JsonCheckpointHandler()})

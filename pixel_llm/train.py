@@ -40,6 +40,7 @@ from pixel_llm import partitioning
 from pixel_llm import prefetch
 from pixel_llm import sharding
 from pixel_llm import trainer
+from pixel_llm import workdir as layout
 from pixel_llm.data import pipeline
 from pixel_llm.data import vocab as vocab_lib
 from pixel_llm.models import build
@@ -137,7 +138,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   start_time = time.time()
   if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(workdir, layout.CONFIG), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
                                                 just_logging=not lead, asynchronous=False)
@@ -148,7 +149,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # ---------------------------------------------------------------------------------------------
   data = pipeline.prepare(config, workdir)
   # The workdir is self-contained for `pixel_llm.load`: the vocabulary travels with the weights.
-  vocab_copy = os.path.join(workdir, "spiece.model")
+  vocab_copy = os.path.join(workdir, layout.VOCAB)
   if lead and not os.path.exists(vocab_copy):
     shutil.copyfile(data.vocab.sentencepiece_model_file, vocab_copy)
 

@@ -14,6 +14,7 @@ from PIL import Image
 import pixel_llm
 from configs import ln
 from pixel_llm import infer
+from pixel_llm import workdir as layout
 from pixel_llm.data import vocab as vocab_lib
 from pixel_llm.models import build
 from pixel_llm.models import checkpoint_io
@@ -105,6 +106,17 @@ def test_load_restores_the_trainers_params(workdir, model):
   # A step folder and the checkpoints folder find the same checkpoint.
   assert pixel_llm.api._find_checkpoint(os.path.join(workdir, "checkpoints", "7"), None)[1] == \
       pixel_llm.api._find_checkpoint(workdir, None)[1]
+
+
+def test_workdir_layout_locates_each_folder_of_a_workdir(tmp_path):
+  w = tmp_path / "run"
+  (w / "checkpoints" / "1500" / "state").mkdir(parents=True)
+  assert layout.locate(str(w)) == (str(w), None, None)
+  assert layout.locate(str(w / "checkpoints")) == (str(w), None, None)
+  assert layout.locate(str(w / "checkpoints" / "1500")) == (str(w), 1500, None)
+  assert layout.locate(str(w / "checkpoints" / "1500" / "state")) == (str(w), 1500, "state")
+  # A numbered folder that is not a checkpoint step is a workdir of its own.
+  assert layout.locate(str(tmp_path / "2026")) == (str(tmp_path / "2026"), None, None)
 
 
 def test_caption_one_location_per_word_in_pixels_and_batch_equals_single(tmp_path, model):

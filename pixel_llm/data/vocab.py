@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
+from pixel_llm import workdir as layout
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
@@ -89,13 +91,8 @@ def check_matches(vocab_path: str, checkpoint_path: str) -> str | None:
   checkpoints/<step>/... folders, or the workdir itself) saved a vocabulary other than
   `vocab_path`'s: its token ids would mean other words here. Returns the checkpoint's vocabulary
   file, or None when there is none to compare (e.g. converted public weights)."""
-  folder = os.path.abspath(checkpoint_path)
-  for _ in range(4):  # WORKDIR/checkpoints/<step>/<item>
-    theirs = os.path.join(folder, "spiece.model")
-    if os.path.exists(theirs):
-      break
-    folder = os.path.dirname(folder)
-  else:
+  theirs = os.path.join(layout.locate(checkpoint_path)[0], layout.VOCAB)
+  if not os.path.exists(theirs):
     return None
   ours, other = pieces(vocab_path), pieces(theirs)
   if ours != other:
