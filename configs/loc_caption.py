@@ -3,12 +3,13 @@ the target (the paper's Table 5: CIDEr on Visual Genome 149.0 and RefCOCOg val 9
 and 15.3, T5-XL; `anchor_scenic_pixel_llm.md` section 7). Per-word locations are not trained
 (no point loss).
 
-  dataset=vg        Visual Genome regions (GRiT's split: train / test; `config.input.num_prompts`
-                    regions per image share one image encoding), records of
+  dataset=vg        Visual Genome regions (GRiT's split: train / test), records of
                     `python -m pixel_llm.data.build vg ...` (PIXEL_LLM_VG_TFRECORDS)
   dataset=refcocog  RefCOCOg (UMD) objects: the GT box prompt -> the expression (every expression
                     of the object is a reference), records of `python -m pixel_llm.data.build
                     refcoco ...` (PIXEL_LLM_REFCOCO_TFRECORDS)
+Either way `config.input.num_prompts` regions / expressions of an image (16; toy 4) share one
+image encoding in a train example.
 
 The release trains this inside its densecap stage (40k steps, batch 64, lr 1e-4, layer decay 0.8
 over EVA02, from the trace stage); this config trains the prompt path alone with those settings.
@@ -41,18 +42,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   splits = ("val",) if toy else EVAL_SPLITS[dataset]
   if toy:  # 128 held-out images (437 regions) rather than 32 (105): see configs/refcoco.py
     c.data.num_val_images = 256
+  # Prompts (regions / objects) per train image: they share one image encoding.
+  c.input.num_prompts = 4 if toy else 16
   if dataset == "vg":
     # The release's VG train augmentation: scale jitter 0.1-2.0 and a horizontal flip (which
     # here also swaps "left" / "right" in the phrases); eval images are never augmented. The toys
     # (this one and vg_densecap's) train without it: their figures in the README were measured so.
     c.data.update(task="vg", eval_splits=splits, vg_scale_jitter=() if toy else (0.1, 2.0),
                   vg_flip=not toy)
-    c.input.num_prompts = 4 if toy else 16
   else:
     c.data.update(task="refcoco", refcoco_kind="loco", refcoco_prompt_prefix="",
                   refcoco_caption_loss=True, eval_splits=splits,
                   # The release jitters every RefCOCO-family train image (eval never).
-                  refcoco_scale_jitter=(0.75, 1.25))
+                  refcoco_scale_jitter=(0.75, 1.25),
+                  # Up to num_prompts expressions of one image per train example, as the
+                  # referring configs pack them; evaluation is one expression per example.
+                  refcoco_expressions_per_image=c.input.num_prompts)
+    c.input.eval_num_prompts = 1
   c.data.coco_captions_rate = 0.0
   if not toy:
     c.data.source = "files"  # real TFRecords: see the module docstring

@@ -238,6 +238,29 @@ def test_joint_loc_loco_mixture_through_the_pipeline(tmp_path):
     pipeline.prepare(c)
 
 
+def test_loc_caption_refcocog_packs_expressions_of_an_image(tmp_path):
+  """configs/loc_caption.py:dataset=refcocog: a train example is one image with up to
+  num_prompts of its objects, each GT box prompting its expression; eval one per example."""
+  from configs import loc_caption
+  from pixel_llm.data import pipeline
+  c = loc_caption.get_config("dataset=refcocog,toy")
+  c.model.image_size = 64
+  c.data.update(root=str(tmp_path / "world"), num_train_images=8, num_val_images=3,
+                image_size=64, eval_batch_size=4)
+  c.batch_size = 4
+  data = pipeline.prepare(c)
+  b = next(data.train_batches())
+  k = c.input.num_prompts
+  assert k > 1 and b["prompt_boxes"].shape == (4, k, 4)
+  real = b["caption"] != b""
+  assert (real.sum(1) > 1).any()  # several expressions share an image encoding
+  assert (b["prompt_boxes"][real] != [0, 0, 1, 1]).any(-1).all()
+  np.testing.assert_array_equal(b["caption_weights"].astype(bool), real)
+  assert not b["point_weights"].any()
+  evals = next(data.eval_batches("val"))
+  assert evals["prompt_boxes"].shape[1] == 1 and (evals["caption"][:, 0] != b"").all()
+
+
 def test_referring_breakdown_groups_expressions_by_kind(tmp_path, capsys):
   """benchmarks/referring_breakdown.py: each kind of synthetic expression lands in its group, and
   the figures are the rows' own."""
