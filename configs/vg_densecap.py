@@ -11,8 +11,11 @@ Training captions proposals as the release does: the head's top `model.caption_p
 (NMS 0.9, no gradient) plus the GT boxes are matched to the GT regions at IoU >= 0.6, and R of the
 positives per image (in random order) are captioned with their region's caption
 (`detection/matching.select_caption_prompts`). Deviations (stated in the README): R is
-`input.num_prompts` (the release: 32 text proposals from 512 RoI samples), and there is no
-second-stage RoI box refinement.
+`input.num_prompts` (the release: 32 text proposals from 512 RoI samples), drawn from the
+proposal head's boxes rather than the RoI head's samples. The release's single-stage RoI head
+(`models/roi_head.py`: RoIAlign 7x7 from each box's pyramid level, fc 1024 x 2, fg / bg and box
+deltas, 512 RoIs per image at 25% positive, NMS 0.5 at inference) is on in the full config; the
+toy trains without it unless `--config.model.roi_head.enabled=True`.
 
 Commands:
   python -m pixel_llm.train --config=configs/vg_densecap.py --workdir=workdirs/vg_densecap
@@ -33,6 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.name = "vg_densecap" + (":toy" if toy else "")
   c.model.proposal_head.enabled = True
   c.model.caption_proposals = 16 if toy else 128
+  # The release's second-stage RoI head scores and refines the proposals (models/roi_head.py).
+  # The toy's README figures were measured without it: `--config.model.roi_head.enabled=True`.
+  c.model.roi_head.enabled = not toy
   c.loss.detection_weight = 1.0
   split = c.data.eval_splits[0]
   c.evals = ml_collections.ConfigDict({f"vg_densecap_{split}": {

@@ -54,7 +54,8 @@ class LossConfig:
   mask_weight: float = 0.0
   mask_focal_alpha: float = 0.5
   # Dense captioning (a network with a proposal head): detection_weight x the CenterNet proposal
-  # loss (heatmap focal x0.5 + GIoU), the prompt boxes with caption_weights > 0 as GT regions.
+  # loss (heatmap focal x0.5 + GIoU), the prompt boxes with caption_weights > 0 as GT regions,
+  # plus, with a RoI head, its Fast R-CNN loss (fg / bg cross-entropy + delta L1) as the release.
   detection_weight: float = 0.0
 
 
@@ -74,8 +75,11 @@ class PixelLLMModel:
     # One "dropout" stream serves dropout and the towers' stochastic depth. (The split keeps the
     # key streams, and so the README's measured toy results, unchanged.)
     rngs = {"dropout": jax.random.split(rng)[0]} if train and rng is not None else {}
+    kwargs = self._prompt_kwargs(batch)
+    if self.network.proposal_head is not None and batch.get("caption_weights") is not None:
+      kwargs["region_valid"] = batch["caption_weights"] > 0  # the tasks' padding prompts: 0
     return self.network.apply({"params": params}, batch["image"], batch["decoder_input_tokens"],
-                              train=train, rngs=rngs, **self._prompt_kwargs(batch))
+                              train=train, rngs=rngs, **kwargs)
 
   # -- interface ---------------------------------------------------------------------------------
   def init_variables(self, rng: jax.Array, batch: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +122,12 @@ class PixelLLMModel:
       loss = loss + cfg.detection_weight * d_loss
       metrics.update(loss=loss, detection_loss=d_loss, heatmap_loss=d_metrics["heatmap"],
                      box_loss=d_metrics["reg"])
+    if cfg.detection_weight > 0 and "roi" in aux:
+      from pixel_llm.models import roi_head as roi_lib
+      r = aux["roi"]
+      r_loss, r_metrics = roi_lib.roi_loss(r["logits"], r["pred_deltas"], r)
+      loss = loss + cfg.detection_weight * r_loss
+      metrics.update(loss=loss, roi_loss=r_loss, **r_metrics)
     if cfg.mask_weight > 0 and "masks" in aux and batch.get("masks") is not None:
       m_loss, m_aux = self._mask_loss(aux, batch)
       loss = loss + cfg.mask_weight * m_loss

@@ -121,3 +121,62 @@ def test_training_captions_proposals_matched_to_the_gt_regions():
   # Evaluation (train=False) keeps the GT boxes: no matching (shapes only, no compile).
   aux = jax.eval_shape(lambda p, b: forward(p, b, jax.random.key(0), False), params, batch)
   assert "prompt_gt_index" not in aux and "proposals" in aux
+
+
+def test_roi_head_trains_on_sampled_rois_and_refines_the_detections():
+  """model.roi_head: a training pass samples RoIs from the proposals plus the real GT regions
+  (the tasks' whole-image padding prompts, caption weight 0, are not GT), its Fast R-CNN loss
+  joins the detection loss with gradients into the head, and `detect` returns refined boxes."""
+  import jax
+  import jax.numpy as jnp
+  from pixel_llm.detection import boxes as box_lib
+  from pixel_llm.models import build
+  from pixel_llm.models import roi_head as roi_lib
+
+  c = vg_densecap.get_config("toy")
+  c.model.update(image_size=64, caption_proposals=8)
+  c.model.roi_head.update(enabled=True, train_proposals=8, test_proposals=8, samples_per_image=12)
+  c.input.update(max_target_len=5, num_prompts=3)
+  model = build.build_model(c)
+  batch = build.example_batch(c, 2, abstract=False)
+  gt = jnp.asarray([[[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8], [0, 0, 1, 1]],
+                    [[0.2, 0.5, 0.6, 0.9], [0.5, 0.1, 0.7, 0.4], [0, 0, 1, 1]]])
+  weights = jnp.float32([[1, 1, 0], [1, 1, 0]])  # the third prompt of each image is padding
+  targets = jnp.arange(2 * 3 * 5).reshape(2, 3, 5) + 3
+  batch.update(image=jax.random.uniform(jax.random.key(0), (2, 64, 64, 3)), prompt_boxes=gt,
+               decoder_target_tokens=targets, decoder_input_tokens=targets - 1,
+               point_weights=jnp.zeros((2, 3, 5)), caption_weights=weights)
+  params = jax.jit(model.init_variables)(jax.random.key(1), batch)["params"]
+  assert "roi_head" in params
+
+  @jax.jit
+  def run(params, batch, rng):
+    aux = model.network.apply({"params": params}, batch["image"], batch["decoder_input_tokens"],
+                              prompt_boxes=batch["prompt_boxes"], region_valid=weights > 0,
+                              train=True, rngs={"dropout": jax.random.split(rng)[0]})[1]
+    grads, metrics = jax.grad(lambda p: model.loss_fn(p, batch, rng, train=True),
+                              has_aux=True)(params)
+    return aux["roi"], grads, metrics
+
+  roi, grads, metrics = run(params, batch, jax.random.key(2))
+  assert np.isfinite(float(metrics["roi_loss"])) and float(metrics["roi_loss"]) > 0
+  assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads["roi_head"])) > 0
+  labels, valid = np.asarray(roi["labels"]), np.asarray(roi["valid"])
+  assert labels[valid].sum() >= 4  # at least the 4 real GT boxes appended as candidates
+  for i in range(2):
+    real = np.asarray(gt[i, :2])
+    for box, label, delta in zip(np.asarray(roi["boxes"][i])[valid[i]], labels[i][valid[i]],
+                                 np.asarray(roi["deltas"][i])[valid[i]]):
+      ious = box_lib.iou_matrix_np(box[None], real)[0]
+      if label:  # a positive's target is a real region it overlaps at IoU >= 0.6
+        target = np.asarray(roi_lib.decode_deltas(jnp.asarray(box), jnp.asarray(delta)))
+        k = int(np.argmin(np.abs(real - target).sum(-1)))
+        np.testing.assert_allclose(target, real[k], atol=1e-4)
+        assert ious[k] >= 0.6 - 1e-6
+      else:
+        assert ious.max() < 0.6 + 1e-6
+  boxes, scores, ok = jax.jit(lambda p, im: model.network.apply(
+      {"params": p}, im, num_boxes=5, method=model.network.detect))(params, batch["image"])
+  assert boxes.shape == (2, 5, 4) and scores.shape == ok.shape == (2, 5)
+  boxes, scores, ok = np.asarray(boxes), np.asarray(scores), np.asarray(ok)
+  assert ((boxes >= 0) & (boxes <= 1)).all() and (scores[ok] > 0.05).all() and not scores[~ok].any()

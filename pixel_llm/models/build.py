@@ -14,6 +14,7 @@ from pixel_llm.models import location_head as location_head_lib
 from pixel_llm.models import prompt_extractor as prompt_extractor_lib
 from pixel_llm.models import mask_adapter as mask_adapter_lib
 from pixel_llm.models import proposal_head as proposal_head_lib
+from pixel_llm.models import roi_head as roi_head_lib
 from pixel_llm.models import sam_mask_decoder as mask_decoder_lib
 from pixel_llm.models import sam_image_encoder as sam_lib
 from pixel_llm.models import sam_prompt_encoder as prompt_encoder_lib
@@ -50,6 +51,11 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
   caption_proposals = int(model.get("caption_proposals", 0))
   if caption_proposals and not proposals_on:
     raise ValueError("model.caption_proposals needs model.proposal_head.enabled.")
+  roi = dict(model.get("roi_head") or {})
+  roi_on = roi.pop("enabled", False)
+  if roi_on and not proposals_on:
+    raise ValueError("model.roi_head.enabled needs model.proposal_head.enabled (it refines the "
+                     "proposal head's boxes).")
   if segment_box not in ("prompt", "eos"):
     raise ValueError(f"model.segment_box must be 'prompt' or 'eos', not {segment_box!r}.")
   return PixelLLM(
@@ -72,6 +78,7 @@ def build_network(model: ml_collections.ConfigDict) -> PixelLLM:
       proposal_head=(proposal_head_lib.ProposalHead(**_fields(proposals), dtype=dtype)
                      if proposals_on else None),
       caption_proposals=caption_proposals,
+      roi_head=roi_head_lib.RoIBoxHead(**_fields(roi), dtype=dtype) if roi_on else None,
   )
 
 

@@ -90,6 +90,9 @@ class PixelLLM(nn.Module):
   # matched to the GT regions (IoU >= 0.6, GT boxes appended; the release's text proposals)
   # instead of the GT boxes themselves. Training forward passes only.
   caption_proposals: int = 0
+  # The second-stage RoI head (models/roi_head.py): scores and refines the proposals; trained on
+  # RoIs sampled from them in training forward passes (aux["roi"]), applied by `detect`.
+  roi_head: nn.Module | None = None
   # Attention kernel of every tower: "xla" | "dot_product" | "cudnn" (see layers.ATTENTION_IMPLS).
   attention_impl: str = "xla"
 
@@ -154,8 +157,24 @@ class PixelLLM(nn.Module):
       raise ValueError("detect needs a network with a proposal head "
                        "(config.model.proposal_head.enabled).")
     feats = self.encode_image(image, image_mask)
-    return decoded_proposals(self.proposal_head(feats), feats, self.proposal_head.strides,
-                             num_boxes, iou_threshold)
+    proposals = self.proposal_head(feats)
+    strides = self.proposal_head.strides
+    if self.roi_head is None:
+      return decoded_proposals(proposals, feats, strides, num_boxes, iou_threshold)
+    from pixel_llm.models import roi_head as roi_lib
+    head = self.roi_head
+    boxes, scores, valid = decoded_proposals(proposals, feats, strides, head.test_proposals,
+                                             iou_threshold)
+    h, w = proposal_frame(feats)
+    scale = jnp.asarray([w, h, w, h], jnp.float32)
+    pixels = boxes * scale
+    out = self.roi_head(proposals["levels"], strides, pixels)
+    refine = functools.partial(roi_lib.refine, frame=(float(h), float(w)), num_boxes=num_boxes,
+                               score_threshold=head.score_threshold,
+                               nms_threshold=head.nms_threshold,
+                               mult_proposal_score=head.mult_proposal_score)
+    boxes, scores, valid = jax.vmap(refine)(out, pixels, scores, valid)
+    return boxes / scale, scores, valid
 
   @_attention_scoped
   def encode_prompts(self, features: jax.Array, *, boxes: jax.Array | None = None,
@@ -237,7 +256,8 @@ class PixelLLM(nn.Module):
   def __call__(self, image: jax.Array, decoder_input_tokens: jax.Array, *,
                prompt_boxes: jax.Array | None = None, prompt_points: jax.Array | None = None,
                prompt_point_labels: jax.Array | None = None, prompt_text: jax.Array | None = None,
-               image_mask: jax.Array | None = None, train: bool = False) -> tuple[dict, dict]:
+               image_mask: jax.Array | None = None, region_valid: jax.Array | None = None,
+               train: bool = False) -> tuple[dict, dict]:
     """Full teacher-forced forward pass.
 
     Args:
@@ -245,26 +265,37 @@ class PixelLLM(nn.Module):
       decoder_input_tokens: int32[B, R, T] (BOS = 0 first, shifted-right targets).
       prompt_boxes / prompt_points / prompt_point_labels / prompt_text: see `encode_prompts` and
         `encode_prefix`; R is taken from `decoder_input_tokens`.
+      region_valid: optional bool[B, R], which prompt boxes are real GT regions (False: padding)
+        for the training-time proposal matching and RoI sampling; zero-area boxes never are.
     Returns:
       ({"logits": [B, R, T, V], "points": [B, R, T, K, 2]},
        aux {"hidden": [B, R, T, D], "visual_tokens": [B, R, Q, D], "image_features": [B, h, w, C]},
        plus, with a mask decoder, "masks": [B, R, 4hs, 4ws] logits and "iou_predictions": [B, R]
        for the prompt boxes; with `caption_proposals` in training, the matched prompts
        "prompt_boxes" [B, R, 4], "prompt_gt_index" int32[B, R] (the GT region each caption target
-       comes from: gather the targets with `gather_prompts`) and "prompt_valid" bool[B, R])
+       comes from: gather the targets with `gather_prompts`) and "prompt_valid" bool[B, R]; with
+       a RoI head in training, "roi": its sampled RoIs, targets and outputs (`_roi_samples`))
     """
     b, r, t = decoder_input_tokens.shape
     feats, sam = self.encode_image(image, image_mask, train=train, return_sam=True)
     proposals = self.proposal_head(feats) if self.proposal_head is not None else None
     matched = {}
+    if self.roi_head is not None and proposals is not None:
+      if train and prompt_boxes is not None:
+        rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+        matched["roi"] = self._roi_samples(proposals, feats, prompt_boxes,
+                                           _regions(prompt_boxes, region_valid), rng)
+      elif self.is_initializing():  # its parameters exist for `detect` whatever the init pass
+        self.roi_head(proposals["levels"], self.proposal_head.strides, jnp.zeros((b, 1, 4)))
     if train and self.caption_proposals and proposals is not None and prompt_boxes is not None:
       rng = self.make_rng("dropout") if self.has_rng("dropout") else None
       prompt_boxes, index, valid = _caption_prompts(proposals, feats, prompt_boxes,
+                                                    _regions(prompt_boxes, region_valid),
                                                     self.proposal_head.strides,
                                                     self.caption_proposals, rng)
       decoder_input_tokens = gather_prompts(decoder_input_tokens, index)
       prompt_text = gather_prompts(prompt_text, index) if prompt_text is not None else None
-      matched = {"prompt_gt_index": index, "prompt_valid": valid, "prompt_boxes": prompt_boxes}
+      matched.update(prompt_gt_index=index, prompt_valid=valid, prompt_boxes=prompt_boxes)
     visual = self.encode_prompts(feats, boxes=prompt_boxes, points=prompt_points,
                                  point_labels=prompt_point_labels, num_prompts=r, train=train)
     encoded, mask = self.encode_prefix(visual, prompt_text, train=train)
@@ -290,6 +321,31 @@ class PixelLLM(nn.Module):
       aux["masks"], aux["iou_predictions"] = self.predict_masks(sam, boxes, adapter_inputs)
       aux["mask_boxes"] = boxes
     return out, aux
+
+
+  def _roi_samples(self, proposals: dict, feats: jax.Array, gt_boxes: jax.Array,
+                   gt_valid: jax.Array, rng: jax.Array | None) -> dict[str, jax.Array]:
+    """The RoI head on RoIs sampled from its training candidates: the proposal head's top
+    `train_proposals` (NMS 0.9, no gradient) with the GT regions gt_boxes float[B, M, 4]
+    (gt_valid bool[B, M]) appended. Returns `roi_head.roi_targets`' fields, batched, plus
+    the head's "logits" [B, S, 2] and "pred_deltas" [B, S, 4]."""
+    from pixel_llm.models import roi_head as roi_lib
+    head = self.roi_head
+    strides = self.proposal_head.strides
+    boxes, _, valid = decoded_proposals(jax.lax.stop_gradient(proposals), feats, strides,
+                                        head.train_proposals, 0.9)
+    gt_boxes = gt_boxes.astype(jnp.float32)
+    candidates = jnp.concatenate([boxes, gt_boxes], 1)
+    candidate_valid = jnp.concatenate([valid, gt_valid], 1)
+    rngs = (jax.random.split(rng, candidates.shape[0]) if rng is not None
+            else jnp.zeros((candidates.shape[0], 2), jnp.uint32))
+    targets = jax.vmap(lambda c, cv, g, gv, k: roi_lib.roi_targets(
+        c, cv, g, gv, head.samples_per_image, head.positive_fraction,
+        k if rng is not None else None))(candidates, candidate_valid, gt_boxes, gt_valid, rngs)
+    h, w = proposal_frame(feats)
+    pixels = targets["boxes"] * jnp.asarray([w, h, w, h], jnp.float32)
+    logits, deltas = head(proposals["levels"], strides, pixels)
+    return {**targets, "logits": logits, "pred_deltas": deltas}
 
 
 PROPOSAL_STRIDE = 16
@@ -320,15 +376,21 @@ def decoded_proposals(proposals: dict, features: jax.Array, strides, num_boxes: 
   return boxes / jnp.asarray([w, h, w, h], jnp.float32), scores, valid
 
 
-def _caption_prompts(proposals: dict, features: jax.Array, gt_boxes: jax.Array, strides,
-                     num_candidates: int, rng: jax.Array | None):
+def _regions(boxes: jax.Array, valid: jax.Array | None) -> jax.Array:
+  """Which prompt boxes float[B, R, 4] are GT regions: bool[B, R], positive area and `valid`
+  (the batch's caption weights; the tasks pad with whole-image boxes)."""
+  real = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+  return real if valid is None else real & valid.astype(bool)
+
+
+def _caption_prompts(proposals: dict, features: jax.Array, gt_boxes: jax.Array,
+                     gt_valid: jax.Array, strides, num_candidates: int, rng: jax.Array | None):
   """The head's top `num_candidates` boxes (NMS 0.9, no gradient) matched to the GT regions
-  gt_boxes float[B, R, 4] (zero-area rows are padding): see `matching.select_caption_prompts`.
+  gt_boxes float[B, R, 4] (gt_valid bool[B, R]): see `matching.select_caption_prompts`.
   Returns (boxes float32[B, R, 4] in [0, 1], gt_index int32[B, R], valid bool[B, R])."""
   from pixel_llm.detection import matching
   boxes, _, valid = decoded_proposals(jax.lax.stop_gradient(proposals), features, strides,
                                       num_candidates, 0.9)
-  gt_valid = (gt_boxes[..., 2] > gt_boxes[..., 0]) & (gt_boxes[..., 3] > gt_boxes[..., 1])
   return matching.select_caption_prompts(boxes, valid, gt_boxes.astype(jnp.float32), gt_valid,
                                          gt_boxes.shape[1], rng)
 

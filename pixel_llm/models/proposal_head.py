@@ -1,6 +1,7 @@
 """Class-agnostic CenterNet proposal head for dense captioning (anchor section 2.11).
 
-The release's `FpnCenterNet2` proposal stage, without the RoI head:
+The release's `FpnCenterNet2` proposal stage (its second-stage RoI head is
+`models/roi_head.py`):
 
 - `SimpleFeaturePyramid` (ViTDet, Li et al. 2022): one stride-16 map -> strides 8 / 16 / 32 via a
   2x2 stride-2 transposed conv (to D // 2 channels) / identity / 2x2 max-pool, each followed by a
@@ -149,8 +150,9 @@ class CenterNetHead(nn.Module):
 
 class ProposalHead(nn.Module):
   """Pyramid + CenterNet head: features float[B, H, W, D] -> dict with
-  "logits" tuple of float32[B, H_l, W_l] and "ltrb" tuple of float32[B, H_l, W_l, 4]
-  (stride units), levels at `pyramid_strides(num_top_levels)` / `pyramid_shapes(H, W, ...)`."""
+  "logits" tuple of float32[B, H_l, W_l], "ltrb" tuple of float32[B, H_l, W_l, 4]
+  (stride units) and the pyramid "levels" tuple of float[B, H_l, W_l, width] (what the RoI head
+  pools), levels at `pyramid_strides(num_top_levels)` / `pyramid_shapes(H, W, ...)`."""
 
   width: int = 256
   num_top_levels: int = 1
@@ -173,7 +175,7 @@ class ProposalHead(nn.Module):
     levels = SimpleFeaturePyramid(self.width, self.num_top_levels, self.deconv_dim, name="pyramid",
                                   **kw)(features)
     logits, ltrb = CenterNetHead(self.num_convs, self.num_groups, name="head", **kw)(levels)
-    return {"logits": logits, "ltrb": ltrb}
+    return {"logits": logits, "ltrb": ltrb, "levels": levels}
 
 
 def proposal_loss(outputs: dict[str, Sequence[jax.Array]], gt_boxes: jax.Array,
