@@ -18,7 +18,7 @@ Per example: the image towers (SAM, EVA02) run once per image, everything after 
 prompt (R prompts share one image encoding). Terms that do not depend on the batch (resampled
 position tables, the prompt encoder's dense positional encoding and its projection in the
 extractor) are counted once per example, which is exact at batch size 1 and an overcount of at
-most those (small) terms above it. The mask decoder, mask adapter and proposal head are not
+most those (small) terms above it. The mask decoder, mask adapter, proposal and RoI heads are not
 counted (`not_counted` names them when the config enables them).
 
 Training multipliers (per component, decided from `config.frozen_params` matched against the
@@ -273,7 +273,7 @@ def forward_flops(config) -> dict[str, float]:
 def not_counted(config) -> list[str]:
   """Enabled parts of the network this counter leaves out."""
   m = config.model
-  return [k for k in ("mask_decoder", "mask_adapter", "proposal_head")
+  return [k for k in ("mask_decoder", "mask_adapter", "proposal_head", "roi_head")
           if (m.get(k) or {}).get("enabled", False)]
 
 
