@@ -322,7 +322,6 @@ class PixelLLM(nn.Module):
       aux["mask_boxes"] = boxes
     return out, aux
 
-
   def _roi_samples(self, proposals: dict, feats: jax.Array, gt_boxes: jax.Array,
                    gt_valid: jax.Array, rng: jax.Array | None) -> dict[str, jax.Array]:
     """The RoI head on RoIs sampled from its training candidates: the proposal head's top
