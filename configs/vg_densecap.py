@@ -14,8 +14,8 @@ positives per image (in random order) are captioned with their region's caption
 `input.num_prompts` (the release: 32 text proposals from 512 RoI samples), drawn from the
 proposal head's boxes rather than the RoI head's samples. The release's single-stage RoI head
 (`models/roi_head.py`: RoIAlign 7x7 from each box's pyramid level, fc 1024 x 2, fg / bg and box
-deltas, 512 RoIs per image at 25% positive, NMS 0.5 at inference) is on in the full config; the
-toy trains without it unless `--config.model.roi_head.enabled=True`.
+deltas, 512 RoIs per image at 25% positive, NMS 0.5 at inference) is on (the toy's: fc 64, 64
+RoIs per image).
 
 Commands:
   python -m pixel_llm.train --config=configs/vg_densecap.py --workdir=workdirs/vg_densecap
@@ -36,9 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.name = "vg_densecap" + (":toy" if toy else "")
   c.model.proposal_head.enabled = True
   c.model.caption_proposals = 16 if toy else 128
-  # The release's second-stage RoI head scores and refines the proposals (models/roi_head.py).
-  # The toy's README figures were measured without it: `--config.model.roi_head.enabled=True`.
-  c.model.roi_head.enabled = not toy
+  # The release's second-stage RoI head scores and refines the proposals (models/roi_head.py);
+  # on the toy it lifts mAP 0.764 -> 0.915 (README; `--config.model.roi_head.enabled=False`).
+  c.model.roi_head.enabled = True
   c.loss.detection_weight = 1.0
   split = c.data.eval_splits[0]
   c.evals = ml_collections.ConfigDict({f"vg_densecap_{split}": {
