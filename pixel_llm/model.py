@@ -76,8 +76,11 @@ class PixelLLMModel:
     # key streams, and so the README's measured toy results, unchanged.)
     rngs = {"dropout": jax.random.split(rng)[0]} if train and rng is not None else {}
     kwargs = self._prompt_kwargs(batch)
-    if self.network.proposal_head is not None and batch.get("caption_weights") is not None:
-      kwargs["region_valid"] = batch["caption_weights"] > 0  # the tasks' padding prompts: 0
+    # Which prompt boxes are GT regions, for the training-time proposal matching and RoI
+    # sampling (the tasks pad prompts with whole-image boxes of caption weight 0).
+    if (train and batch.get("caption_weights") is not None
+        and self.network.proposal_head is not None):
+      kwargs["region_valid"] = batch["caption_weights"] > 0
     return self.network.apply({"params": params}, batch["image"], batch["decoder_input_tokens"],
                               train=train, rngs=rngs, **kwargs)
 
