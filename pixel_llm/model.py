@@ -144,8 +144,7 @@ class PixelLLMModel:
     h, w = network_lib.proposal_frame(aux["image_features"])
     boxes = batch["prompt_boxes"] * jnp.asarray([w, h, w, h], jnp.float32)
     weights = batch.get("caption_weights")
-    valid = (weights > 0) if weights is not None else jnp.ones(boxes.shape[:2], bool)
-    valid = valid & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    valid = network_lib.regions(boxes, None if weights is None else weights > 0)
     loss, metrics = proposal_lib.proposal_loss(aux["proposals"], boxes, valid,
                                                self.network.proposal_head.strides)
     return loss, {"heatmap": metrics["heatmap_pos"] + metrics["heatmap_neg"], "reg": metrics["reg"]}

@@ -284,13 +284,13 @@ class PixelLLM(nn.Module):
       if train and prompt_boxes is not None:
         rng = self.make_rng("dropout") if self.has_rng("dropout") else None
         matched["roi"] = self._roi_samples(proposals, feats, prompt_boxes,
-                                           _regions(prompt_boxes, region_valid), rng)
+                                           regions(prompt_boxes, region_valid), rng)
       elif self.is_initializing():  # its parameters exist for `detect` whatever the init pass
         self.roi_head(proposals["levels"], self.proposal_head.strides, jnp.zeros((b, 1, 4)))
     if train and self.caption_proposals and proposals is not None and prompt_boxes is not None:
       rng = self.make_rng("dropout") if self.has_rng("dropout") else None
       prompt_boxes, index, valid = _caption_prompts(proposals, feats, prompt_boxes,
-                                                    _regions(prompt_boxes, region_valid),
+                                                    regions(prompt_boxes, region_valid),
                                                     self.proposal_head.strides,
                                                     self.caption_proposals, rng)
       decoder_input_tokens = gather_prompts(decoder_input_tokens, index)
@@ -375,7 +375,7 @@ def decoded_proposals(proposals: dict, features: jax.Array, strides, num_boxes: 
   return boxes / jnp.asarray([w, h, w, h], jnp.float32), scores, valid
 
 
-def _regions(boxes: jax.Array, valid: jax.Array | None) -> jax.Array:
+def regions(boxes: jax.Array, valid: jax.Array | None) -> jax.Array:
   """Which prompt boxes float[B, R, 4] are GT regions: bool[B, R], positive area and `valid`
   (the batch's caption weights; the tasks pad with whole-image boxes)."""
   real = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
