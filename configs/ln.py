@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # coco_captions_rate r > 0 mixes COCO captions : LN = r : 2 (the paper: 1 : 2; records from
   # `python -m pixel_llm.data.build coco_captions`, --config.data.coco_captions_tfrecords or
   # PIXEL_LLM_COCO_CAPTIONS_TFRECORDS). The toy stays LN-only (its README figures are LN-only).
+  # `vocab` given with the synthetic source replaces the world's own (trained on its captions).
   c.data = dict(task="ln", source="synthetic" if a.toy else "ln", root="", tfrecords="", vocab="",
                 coco_captions_tfrecords="", coco_captions_rate=0.0 if a.toy else 1.0,
                 # The release's COCO-captions train jitter (LN images are not jittered).

@@ -255,6 +255,25 @@ def test_init_checkpoint_vocabulary_must_match(tmp_path):
   assert vocab_lib.check_matches(ours, str(tmp_path / "converted")) is None
 
 
+
+def test_given_vocabulary_replaces_the_synthetic_worlds_own(tmp_path):
+  """config.data.vocab with the synthetic source: the run reads that vocabulary (going on from a
+  checkpoint trained on a smaller world, whose vocabulary differs in a few pieces); missing: an
+  error naming it."""
+  from configs import ln
+  from pixel_llm.data import pipeline
+  c = ln.get_config("toy")
+  c.data.update(root=str(tmp_path / "world"), num_train_images=4, num_val_images=2, image_size=64)
+  patterns, own = pipeline._sources(c)
+  assert own == str(tmp_path / "world" / "spiece.model") and os.path.exists(own)
+  texts = [synthetic.make_example(1, i).record["caption"] for i in range(1, 31)]
+  given = vocab_lib.train_spm(texts, str(tmp_path / "given"), vocab_size=96)
+  c.data.vocab = given
+  assert pipeline._sources(c) == (patterns, given)
+  c.data.vocab = str(tmp_path / "missing.model")
+  with pytest.raises(FileNotFoundError, match="missing.model"):
+    pipeline._sources(c)
+
 def test_cli(tmp_path):
   out = str(tmp_path / "cli")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

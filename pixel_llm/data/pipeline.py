@@ -176,8 +176,12 @@ def _sources(config) -> tuple[dict[str, str], str]:
     names = {"ln": "ln", "captions": "webli", "coco_captions": "coco_captions",
              "refcoco": "refcoco", "vg": "vg"}
     wanted = [task] + (["coco_captions"] if mix else [])
-    return ({k: os.path.join(root, names[k] + "_{split}.tfrecord-*") for k in wanted},
-            os.path.join(os.path.dirname(root), "spiece.model"))
+    # A given vocabulary replaces the world's (trained on its train captions), e.g. to go on
+    # from a checkpoint trained on a smaller world, whose vocabulary differs in a few pieces.
+    vocab = d.get("vocab") or os.path.join(os.path.dirname(root), "spiece.model")
+    if not os.path.exists(vocab):
+      raise FileNotFoundError(f"Vocabulary {vocab!r} does not exist.")
+    return {k: os.path.join(root, names[k] + "_{split}.tfrecord-*") for k in wanted}, vocab
   if d.source not in ("files", "ln"):
     raise ValueError(f"Unknown config.data.source {d.source!r}; use 'synthetic' or 'files' "
                      "('ln' is the same as 'files').")
