@@ -86,13 +86,15 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
                                                 num_groups=8) if sam == "tiny" else
                                            dict(width=256, num_top_levels=2, num_convs=4,
                                                 num_groups=32, deconv_dim=384)))
-  # Dense captioning's training prompts: the head's top N proposals matched to the GT regions
-  # (IoU >= 0.6, GT boxes appended) are captioned instead of the GT boxes; 0 = the GT boxes.
+  # Dense captioning's training prompts: > 0 captions proposals matched to the GT regions
+  # (IoU >= 0.6, GT boxes appended) instead of the GT boxes: the RoI head's first samples when it
+  # is on, else the proposal head's top N; 0 = the GT boxes.
   c.caption_proposals = 0
   # Dense captioning's second-stage RoI head (models/roi_head.py; the release: single stage,
   # fc 1024 x 2, 1000 train / 256 test proposals, 512 RoIs per image at 25% positive, score
-  # threshold 0.05, NMS 0.5).
-  c.roi_head = dict(enabled=False, **(dict(fc_dim=64, train_proposals=64, test_proposals=64,
+  # threshold 0.05, NMS 0.5). mult_proposal_score: a detection's score is sqrt(proposal score x
+  # RoI score) (CenterNet2's option) instead of the RoI score.
+  c.roi_head = dict(enabled=False, mult_proposal_score=False, **(dict(fc_dim=64, train_proposals=64, test_proposals=64,
                                            samples_per_image=64) if sam == "tiny" else
                                       dict(fc_dim=1024, train_proposals=1000, test_proposals=256,
                                            samples_per_image=512)))

@@ -7,15 +7,16 @@ class-agnostic proposal head (simple feature pyramid + CenterNet heatmap / box r
 NMS (0.9) are each captioned through the prompt path (`model.dense_caption_batch`) and scored by
 the DenseCap mAP (`metrics.densecap_map`: GT merged at 0.7, IoU x METEOR grid; METEOR needs Java).
 
-Training captions proposals as the release does: the head's top `model.caption_proposals` boxes
-(NMS 0.9, no gradient) plus the GT boxes are matched to the GT regions at IoU >= 0.6, and R of the
-positives per image (in random order) are captioned with their region's caption
+Training captions proposals as the release does: the release's text proposals are the first R
+of the RoI head's samples (proposals from its `train_proposals` candidates plus the GT boxes,
+positives at IoU >= 0.6 first, in random order), each captioned with its matched region's caption
+(`models/pixel_llm._roi_text_proposals`); with the RoI head off, the proposal head's top
+`model.caption_proposals` boxes (NMS 0.9, no gradient) plus the GT boxes are matched the same way
 (`detection/matching.select_caption_prompts`). Deviations (stated in the README): R is
-`input.num_prompts` (the release: 32 text proposals from 512 RoI samples), drawn from the
-proposal head's boxes rather than the RoI head's samples. The release's single-stage RoI head
-(`models/roi_head.py`: RoIAlign 7x7 from each box's pyramid level, fc 1024 x 2, fg / bg and box
-deltas, 512 RoIs per image at 25% positive, NMS 0.5 at inference) is on (the toy's: fc 64, 64
-RoIs per image).
+`input.num_prompts` (16; the release: 32 text proposals from 512 RoI samples) and the GT boxes
+are the example's R regions. The release's single-stage RoI head (`models/roi_head.py`: RoIAlign
+7x7 from each box's pyramid level, fc 1024 x 2, fg / bg and box deltas, 512 RoIs per image at
+25% positive, NMS 0.5 at inference) is on (the toy's: fc 64, 64 RoIs per image).
 
 Commands:
   python -m pixel_llm.train --config=configs/vg_densecap.py --workdir=workdirs/vg_densecap

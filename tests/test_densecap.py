@@ -126,7 +126,8 @@ def test_training_captions_proposals_matched_to_the_gt_regions():
 def test_roi_head_trains_on_sampled_rois_and_refines_the_detections():
   """model.roi_head: a training pass samples RoIs from the proposals plus the real GT regions
   (the tasks' whole-image padding prompts, caption weight 0, are not GT), its Fast R-CNN loss
-  joins the detection loss with gradients into the head, and `detect` returns refined boxes."""
+  joins the detection loss with gradients into the head, the caption prompts are its first
+  samples (the release's text proposals), and `detect` returns refined boxes."""
   import jax
   import jax.numpy as jnp
   from pixel_llm.detection import boxes as box_lib
@@ -156,9 +157,19 @@ def test_roi_head_trains_on_sampled_rois_and_refines_the_detections():
                               train=True, rngs={"dropout": jax.random.split(rng)[0]})[1]
     grads, metrics = jax.grad(lambda p: model.loss_fn(p, batch, rng, train=True),
                               has_aux=True)(params)
-    return aux["roi"], grads, metrics
+    return aux, grads, metrics
 
-  roi, grads, metrics = run(params, batch, jax.random.key(2))
+  aux, grads, metrics = run(params, batch, jax.random.key(2))
+  roi = aux["roi"]
+  np.testing.assert_array_equal(aux["prompt_boxes"], roi["boxes"][:, :3])
+  prompt_valid = np.asarray(aux["prompt_valid"])
+  np.testing.assert_array_equal(prompt_valid, np.asarray(roi["labels"][:, :3]) > 0)
+  assert prompt_valid[:, :2].all()  # 2 real regions per image, positives first
+  for i in range(2):
+    for j in np.flatnonzero(prompt_valid[i]):
+      k = int(aux["prompt_gt_index"][i, j])
+      assert k < 2 and box_lib.iou_matrix_np(np.asarray(aux["prompt_boxes"][i, j])[None],
+                                             np.asarray(gt[i, k])[None])[0, 0] >= 0.6 - 1e-6
   assert np.isfinite(float(metrics["roi_loss"])) and float(metrics["roi_loss"]) > 0
   assert max(float(np.abs(g).max()) for g in jax.tree.leaves(grads["roi_head"])) > 0
   labels, valid = np.asarray(roi["labels"]), np.asarray(roi["valid"])

@@ -46,9 +46,12 @@ def test_targets_point_each_positive_at_its_gt():
   boxes, labels = np.asarray(t["boxes"]), np.asarray(t["labels"])
   valid = np.asarray(t["valid"])
   assert valid.sum() == 5 and labels[valid].sum() == 4  # 2 proposals + 2 appended GT positive
-  for box, label, delta, v in zip(boxes, labels, np.asarray(t["deltas"]), valid):
+  assert labels[:4].all() and valid[:4].all()  # positives first (the text proposals' order)
+  for box, label, delta, v, k in zip(boxes, labels, np.asarray(t["deltas"]), valid,
+                                     np.asarray(t["gt_index"])):
+    assert k == (0 if box[0] < 55 else 1) if v and label else k == 0
     if v and label:
-      target = np.asarray(gt)[0 if box[0] < 55 else 1]
+      target = np.asarray(gt)[k]
       np.testing.assert_allclose(np.asarray(roi.decode_deltas(jnp.asarray(box), jnp.asarray(delta))),
                                  target, atol=1e-3)
     else:

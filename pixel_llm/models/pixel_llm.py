@@ -86,9 +86,10 @@ class PixelLLM(nn.Module):
   # Dense object captioning: class-agnostic proposals on the fused feature map
   # (models/proposal_head.py); the grid is treated as stride 16 (PROPOSAL_STRIDE), as the release.
   proposal_head: nn.Module | None = None
-  # Dense captioning's training prompts: > 0 captions the head's top `caption_proposals` boxes
-  # matched to the GT regions (IoU >= 0.6, GT boxes appended; the release's text proposals)
-  # instead of the GT boxes themselves. Training forward passes only.
+  # Dense captioning's training prompts: > 0 captions proposals matched to the GT regions
+  # (IoU >= 0.6, GT boxes appended) instead of the GT boxes themselves: with a RoI head, its
+  # first R samples (positives first; the release's text proposals), else the proposal head's top
+  # `caption_proposals` boxes. Training forward passes only.
   caption_proposals: int = 0
   # The second-stage RoI head (models/roi_head.py): scores and refines the proposals; trained on
   # RoIs sampled from them in training forward passes (aux["roi"]), applied by `detect`.
@@ -288,11 +289,14 @@ class PixelLLM(nn.Module):
       elif self.is_initializing():  # its parameters exist for `detect` whatever the init pass
         self.roi_head(proposals["levels"], self.proposal_head.strides, jnp.zeros((b, 1, 4)))
     if train and self.caption_proposals and proposals is not None and prompt_boxes is not None:
-      rng = self.make_rng("dropout") if self.has_rng("dropout") else None
-      prompt_boxes, index, valid = _caption_prompts(proposals, feats, prompt_boxes,
-                                                    regions(prompt_boxes, region_valid),
-                                                    self.proposal_head.strides,
-                                                    self.caption_proposals, rng)
+      if "roi" in matched:  # the release's text proposals: the first R RoI samples (fg first)
+        prompt_boxes, index, valid = _roi_text_proposals(matched["roi"], r)
+      else:
+        rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+        prompt_boxes, index, valid = _caption_prompts(proposals, feats, prompt_boxes,
+                                                      regions(prompt_boxes, region_valid),
+                                                      self.proposal_head.strides,
+                                                      self.caption_proposals, rng)
       decoder_input_tokens = gather_prompts(decoder_input_tokens, index)
       prompt_text = gather_prompts(prompt_text, index) if prompt_text is not None else None
       matched.update(prompt_gt_index=index, prompt_valid=valid, prompt_boxes=prompt_boxes)
@@ -392,6 +396,18 @@ def _caption_prompts(proposals: dict, features: jax.Array, gt_boxes: jax.Array,
                                       num_candidates, 0.9)
   return matching.select_caption_prompts(boxes, valid, gt_boxes.astype(jnp.float32), gt_valid,
                                          gt_boxes.shape[1], rng)
+
+
+def _roi_text_proposals(roi: dict[str, jax.Array], num_prompts: int):
+  """The first `num_prompts` of the RoI samples (`_roi_samples`; positives first, in random
+  order): (boxes float32[B, R, 4] in [0, 1], gt_index int32[B, R], valid bool[B, R]); a slot
+  holding a background sample is invalid (its caption loss is masked)."""
+  if num_prompts > roi["boxes"].shape[1]:
+    raise ValueError(f"{num_prompts} caption prompts per image need at least as many RoI samples "
+                     f"(model.roi_head.samples_per_image = {roi['boxes'].shape[1]}).")
+  valid = (roi["labels"][:, :num_prompts] > 0) & roi["valid"][:, :num_prompts]
+  return (jax.lax.stop_gradient(roi["boxes"][:, :num_prompts]),
+          jnp.where(valid, roi["gt_index"][:, :num_prompts], 0), valid)
 
 
 def _eos_box(points: jax.Array, decoder_input_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:

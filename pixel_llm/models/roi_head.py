@@ -141,7 +141,8 @@ def roi_targets(candidates: jax.Array, candidate_valid: jax.Array, gt_boxes: jax
   candidates: float[N, 4] (proposals with the GT boxes appended), candidate_valid bool[N];
   gt_boxes float[M, 4] (same coordinates), gt_valid bool[M].
   Returns {"boxes": [S, 4], "labels": int32[S] (1 fg, 0 bg), "deltas": [S, 4] (targets, zero
-  for bg), "valid": bool[S]}.
+  for bg), "gt_index": int32[S] (the matched GT region, 0 for bg), "valid": bool[S]}; the
+  positives come first (`sample_rois`).
   """
   match = matching.match_proposals(candidates, gt_boxes, proposal_valid=candidate_valid,
                                    gt_valid=gt_valid)
@@ -151,7 +152,8 @@ def roi_targets(candidates: jax.Array, candidate_valid: jax.Array, gt_boxes: jax
   fg = match.positive[index] & sampled
   gt = gt_boxes[jnp.maximum(match.gt_index[index], 0)]
   deltas = jnp.where(fg[:, None], encode_deltas(boxes, gt), 0.0)
-  return {"boxes": boxes, "labels": fg.astype(jnp.int32), "deltas": deltas, "valid": sampled}
+  return {"boxes": boxes, "labels": fg.astype(jnp.int32), "deltas": deltas,
+          "gt_index": jnp.where(fg, match.gt_index[index], 0).astype(jnp.int32), "valid": sampled}
 
 
 def roi_loss(logits: jax.Array, deltas: jax.Array, targets: dict[str, jax.Array]
