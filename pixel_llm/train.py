@@ -148,10 +148,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # process reads its own shard of every global batch.
   # ---------------------------------------------------------------------------------------------
   data = pipeline.prepare(config, workdir)
-  # The workdir is self-contained for `pixel_llm.load`: the vocabulary travels with the weights.
-  vocab_copy = os.path.join(workdir, layout.VOCAB)
-  if lead and not os.path.exists(vocab_copy):
-    shutil.copyfile(data.vocab.sentencepiece_model_file, vocab_copy)
+  vocab_file = data.vocab.sentencepiece_model_file
 
   # ---------------------------------------------------------------------------------------------
   # Mesh, model, optimizer and the sharded init / train step; WORKDIR/model-info.txt.
@@ -183,6 +180,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpoints.manager(workdir, keep=config.get("keep_checkpoints", 2),
                              asynchronous=config.get("async_checkpoints", True))
   if ckpt.latest_step() is not None:
+    vocab_lib.check_matches(vocab_file, workdir, what="workdir's checkpoint")
     state, position = checkpoints.restore(ckpt, training.abstract_state)
     logging.info("Resumed from step %d", int(state["step"]))
     if lead:
@@ -190,10 +188,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   else:
     state, position = training.init(init_rng), {"batches": 0}
     if config.get("init_checkpoint", ""):
-      vocab_lib.check_matches(data.vocab.sentencepiece_model_file, config.init_checkpoint)
+      vocab_lib.check_matches(vocab_file, config.init_checkpoint)
     if config.get("init_checkpoint", "") or config.frozen_params:
       params = training.cast_frozen(_initial_params(config, jax.device_get(state["params"])))
       state["params"] = jax.device_put(params, training.param_shardings)
+  # The workdir is self-contained for `pixel_llm.load`: the vocabulary travels with the weights.
+  # Written only now, after the checks, so that a refused run leaves no other vocabulary behind.
+  if lead:
+    shutil.copyfile(vocab_file, os.path.join(workdir, layout.VOCAB))
   first_step = int(state["step"])
   train_iter = data.train_batches(position["batches"], jax.process_index(), jax.process_count())
   batch_sharding = sharding.batch_sharding(mesh, 1)

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from configs import ln
@@ -85,6 +86,24 @@ def test_train_evaluate_and_resume(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "at step 12" in out
   assert len(open(os.path.join(workdir, "train_metrics.jsonl")).readlines()) == len(lines)
+
+  # Another vocabulary is refused before the workdir's copy is touched: resuming this workdir
+  # with it, or starting a new workdir from its checkpoint (the token ids would mean other words).
+  from pixel_llm.data import synthetic
+  from pixel_llm.data import vocab as vocab_lib
+  texts = [synthetic.make_example(1, i, narration="shuffled").record["caption"]
+           for i in range(1, 31)]
+  other = vocab_lib.train_spm(texts, str(tmp_path / "other"), vocab_size=96)
+  saved = open(os.path.join(workdir, "spiece.model"), "rb").read()
+  refused = config.copy_and_resolve_references()
+  refused.data.vocab = other
+  with pytest.raises(ValueError, match="workdir's checkpoint.*ids differ"):
+    train.train_and_evaluate(refused, workdir)
+  assert open(os.path.join(workdir, "spiece.model"), "rb").read() == saved
+  refused.init_checkpoint = os.path.join(workdir, "checkpoints", "12", "state")
+  with pytest.raises(ValueError, match="init checkpoint.*ids differ"):
+    train.train_and_evaluate(refused, str(tmp_path / "work2"))
+  assert not (tmp_path / "work2" / "spiece.model").exists()
 
   # The input position: the batches after skipping k equal batches k, k+1, ... of a fresh read.
   from pixel_llm.data import pipeline

@@ -86,7 +86,8 @@ def pieces(path: str) -> list[str]:
   return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
 
-def check_matches(vocab_path: str, checkpoint_path: str) -> str | None:
+def check_matches(vocab_path: str, checkpoint_path: str, what: str = "init checkpoint"
+                  ) -> str | None:
   """Raises ValueError when the trainer workdir holding `checkpoint_path` (one of its
   checkpoints/<step>/... folders, or the workdir itself) saved a vocabulary other than
   `vocab_path`'s: its token ids would mean other words here. Returns the checkpoint's vocabulary
@@ -98,8 +99,9 @@ def check_matches(vocab_path: str, checkpoint_path: str) -> str | None:
   if ours != other:
     differ = sum(a != b for a, b in zip(ours, other)) + abs(len(ours) - len(other))
     raise ValueError(
-        f"The init checkpoint's vocabulary {theirs} ({len(other)} pieces) is not this run's "
+        f"The {what}'s vocabulary {theirs} ({len(other)} pieces) is not this run's "
         f"{vocab_path} ({len(ours)} pieces; {differ} ids differ), so its token ids would mean "
-        "other words. Train both stages on the same vocabulary (for the synthetic world: the "
-        "same config.data seed, num_train_images and synthetic_narration).")
+        "other words. Train both on the same vocabulary (for the synthetic world: the same "
+        "config.data seed, num_train_images and synthetic_narration, or "
+        f"--config.data.vocab={theirs}).")
   return theirs
