@@ -25,9 +25,9 @@ and the extractor's input projection start fresh), ~20 min on 2 cores, README "D
     --config.init_checkpoint=workdirs/refcoco_toy/checkpoints/1500/state \
     "--config.init_patterns=('^(?!sam_image_encoder/neck/|prompt_extractor/image_projection_mlp/)',)" \
     --workdir=workdirs/refseg_toy
-The best seg toy so far (mask cIoU 0.301 on the toy's 438 held-out expressions, 0.328 on the
-104 before; 13 min on shared cores) starts from the longer chain's
-referring checkpoint (configs/refcoco.py: workdirs/refcoco_toy_long) and freezes as the release
+The best seg toys (mask cIoU 0.301 on the toy's 438 held-out expressions from the longer
+chain's referring checkpoint, configs/refcoco.py: workdirs/refcoco_toy_long; 0.336 from the best
+referring checkpoint, the 8,000-image restart; 13 min each on shared cores) freeze as the release
 does, everything but what is fresh and the mask adapter / location head:
   python -m pixel_llm.train --config=configs/refcoco_seg.py:toy \
     --config.init_checkpoint=workdirs/refcoco_toy_long/checkpoints/4500/state \
