@@ -36,8 +36,9 @@ per example instead of 4, 0.183 on the 104):
 Trained on with fresh 4,500-step schedules (--config.init_checkpoint=<the previous
 run>/checkpoints/4500/state, ~25 min each alone), it reaches 0.333, 0.358, 0.363 (flattening);
 the third restart in a world of 8,000 train images instead (--config.data.num_train_images=8000
---config.data.vocab=<the previous run>/spiece.model) reaches 0.390, mean IoU 0.362: the best so
-far (benchmarks/RESULTS.md, "More steps do help" and after).
+--config.data.vocab=<the previous run>/spiece.model) reaches 0.390, and a fourth in 32,000
+images 0.395, mean IoU 0.370: the best so far (benchmarks/RESULTS.md, "More steps do help" and
+after; attribute-only expressions do not improve along the chain).
 Variants: dataset=<refcoco|refcoco+|refcocog> (its eval splits: RefCOCO/+ val, testA, testB; RefCOCOg
 val, test), and as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
 """
