@@ -300,6 +300,43 @@ def test_referring_breakdown_groups_expressions_by_kind(tmp_path, capsys):
   assert "extreme/axis x" in capsys.readouterr().out
 
 
+
+def test_referring_binding_assigns_boxes_to_objects_against_the_words(tmp_path):
+  """benchmarks/referring_binding.py: on a regenerated val scene, a box on the referred object,
+  on another object of the named colour, on one sharing no named word, and on no object land in
+  their outcomes; chance is each outcome's share of the image's objects."""
+  import importlib.util
+  import json
+  import pathlib
+  from pixel_llm.data import synthetic
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "referring_binding.py"
+  spec = importlib.util.spec_from_file_location("referring_binding", path)
+  binding = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(binding)
+  for image_id in range(1_000_001, 1_000_200):  # a scene with a colour shared by two objects
+    objects = synthetic.make_example(0, image_id, "val", 128).objects
+    pairs = [(t, s) for t in objects for s in objects if s is not t and s.color == t.color]
+    if pairs and len(objects) >= 3:
+      target, same = pairs[0]
+      if any(o.color != target.color for o in objects):
+        break
+  other = next(o for o in objects if o.color != target.color)
+  box = lambda o: (np.asarray(o.box, np.float64) / (128 if max(o.box) > 1.5 else 1)).tolist()
+  row = lambda b: {"image_id": str(image_id), "expression": f"the {target.color} shape",
+                   "box": b, "gt_box": box(target), "iou": 0.0}
+  rows = [row(box(target)), row(box(same)), row(box(other)), row([0.0, 0.0, 1e-3, 1e-3])]
+  predictions = tmp_path / "p.jsonl"
+  predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = tmp_path / "b.json"
+  assert binding.main([f"--predictions={predictions}", f"--out={out}"]) == 0
+  got = json.loads(out.read_text())["groups"]["attribute"]
+  assert got["n"] == 4 and all(got[o] == 0.25 for o in binding.OUTCOMES)
+  n = len(objects)
+  shares = sum(o.color == target.color for o in objects) - 1
+  assert got["chance: referred object"] == round(1 / n, 3)
+  assert got["chance: other, shares a word"] == round(shares / n, 3)
+  assert got["chance: other, shares none"] == round((n - 1 - shares) / n, 3)
+
 def test_grounding_probe_scores_named_and_first_shapes():
   """benchmarks/grounding_probe.py: the nearest box by centre, and the per-rank shares of
   pointing at the named shape, at the first one, and chance; one-shape images are left out."""
