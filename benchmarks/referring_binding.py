@@ -1,7 +1,7 @@
 r"""Which object a referring box lands on, against what the expression's words say.
 
   python benchmarks/referring_binding.py --predictions=W/eval/refcoco_val.predictions.jsonl \
-      [--out=benchmarks/results/referring_binding.json] [--seed=0 --image_size=128]
+      [--out=benchmarks/results/referring_binding.json] [--seed=0]
 
 For the synthetic world's held-out referring predictions (the evaluator's rows: image_id,
 expression, box, gt_box, iou), the scene behind each image is regenerated
@@ -24,16 +24,14 @@ import prediction_files  # pylint: disable=g-import-not-at-top
 import referring_breakdown  # pylint: disable=g-import-not-at-top
 
 from pixel_llm.data import synthetic  # pylint: disable=g-import-not-at-top
+from pixel_llm.detection import boxes as box_lib  # pylint: disable=g-import-not-at-top
 
 _ASSIGN_IOU = 0.1
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """IoU of box a[4] with boxes b[N, 4] (xyxy)."""
-  lo, hi = np.maximum(a[:2], b[:, :2]), np.minimum(a[2:], b[:, 2:])
-  inter = np.prod(np.clip(hi - lo, 0, None), -1)
-  area = lambda x: np.prod(x[..., 2:] - x[..., :2], -1)  # noqa: E731
-  return inter / (area(a) + area(b) - inter)
+def _iou(a, b: np.ndarray) -> np.ndarray:
+  """IoU of box a[4] with boxes b[N, 4] (xyxy) -> [N]."""
+  return box_lib.iou_matrix_np(np.asarray(a)[None], b)[0]
 
 
 def _words(expression: str, obj: synthetic.SceneObject) -> set[str]:
@@ -44,7 +42,7 @@ def _words(expression: str, obj: synthetic.SceneObject) -> set[str]:
 
 def classify(row: dict, objects, boxes: np.ndarray) -> tuple[str, dict[str, float]]:
   """(where the box landed, the chance of each outcome for a uniformly drawn object)."""
-  target = int(np.argmax(_iou(np.asarray(row["gt_box"]), boxes)))
+  target = int(np.argmax(_iou(row["gt_box"], boxes)))
   named = _words(row["expression"], objects[target])
 
   def outcome(k: int) -> str:
@@ -56,7 +54,7 @@ def classify(row: dict, objects, boxes: np.ndarray) -> tuple[str, dict[str, floa
   chance = {}
   for k in range(len(objects)):
     chance[outcome(k)] = chance.get(outcome(k), 0.0) + 1.0 / len(objects)
-  ious = _iou(np.asarray(row["box"]), boxes)
+  ious = _iou(row["box"], boxes)
   landed = outcome(int(np.argmax(ious))) if ious.max() >= _ASSIGN_IOU else "no object"
   return landed, chance
 
@@ -69,7 +67,6 @@ def main(argv=None) -> int:
   p.add_argument("--predictions", required=True, help="W/eval/<name>.predictions.jsonl")
   p.add_argument("--out", default="")
   p.add_argument("--seed", type=int, default=0, help="the world's config.data.seed")
-  p.add_argument("--image_size", type=int, default=128)
   args = p.parse_args(argv)
   rows = prediction_files.read(args.predictions, {"image_id", "expression", "box", "gt_box"},
                                "the referring evaluator's")
@@ -77,12 +74,11 @@ def main(argv=None) -> int:
   for row in rows:
     image_id = int(row["image_id"])
     if image_id not in scenes:
-      ex = synthetic.make_example(args.seed, image_id, "val", args.image_size)
-      scenes[image_id] = ex.objects, np.asarray([o.box for o in ex.objects], np.float64)
+      # The scene (and its boxes, fractions of the image side) does not depend on image_size.
+      objects = synthetic.make_example(args.seed, image_id, "val").objects
+      scenes[image_id] = objects, np.asarray([o.box for o in objects], np.float64)
     objects, boxes = scenes[image_id]
-    if boxes.max() > 1.5:  # pixels -> fractions of the (square) image
-      boxes = boxes / args.image_size
-    checked.append(_iou(np.asarray(row["gt_box"]), boxes).max())
+    checked.append(_iou(row["gt_box"], boxes).max())
     landed, chance = classify(row, objects, boxes)
     for group in ("all", referring_breakdown.kind(row["expression"])):
       t = tally.setdefault(group, {"n": 0, **{o: 0.0 for o in OUTCOMES},
@@ -93,8 +89,9 @@ def main(argv=None) -> int:
         t["chance: " + o] += c
   # (GT boxes are of the visible part: an occluded object's is smaller than its drawn box.)
   if np.median(checked) < 0.9 or np.min(checked) < 0.5:  # not the scene that was evaluated
-    raise SystemExit(f"GT boxes do not match the regenerated scenes (median IoU {np.median(checked):.3f}, min {np.min(checked):.3f}): "
-                     "pass the world's --seed / --image_size.")
+    raise SystemExit("GT boxes do not match the regenerated scenes (median IoU "
+                     f"{np.median(checked):.3f}, min {np.min(checked):.3f}): pass the world's "
+                     "--seed.")
   table = {g: {k: (v if k == "n" else round(v / t["n"], 3)) for k, v in t.items()}
            for g, t in tally.items()}
   print(f"{'group':10s} {'n':>4s} " + " ".join(f"{o[:22]:>22s}" for o in OUTCOMES))
