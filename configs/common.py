@@ -94,10 +94,10 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
   # fc 1024 x 2, 1000 train / 256 test proposals, 512 RoIs per image at 25% positive, score
   # threshold 0.05, NMS 0.5). mult_proposal_score: a detection's score is sqrt(proposal score x
   # RoI score) (CenterNet2's option) instead of the RoI score.
-  c.roi_head = dict(enabled=False, mult_proposal_score=False, **(dict(fc_dim=64, train_proposals=64, test_proposals=64,
-                                           samples_per_image=64) if sam == "tiny" else
-                                      dict(fc_dim=1024, train_proposals=1000, test_proposals=256,
-                                           samples_per_image=512)))
+  sizes = (dict(fc_dim=64, train_proposals=64, test_proposals=64, samples_per_image=64)
+           if sam == "tiny" else
+           dict(fc_dim=1024, train_proposals=1000, test_proposals=256, samples_per_image=512))
+  c.roi_head = dict(enabled=False, mult_proposal_score=False, **sizes)
   return c
 
 

@@ -163,6 +163,12 @@ def _files(config, field: str, env: str, what: str, builder: str) -> str:
   return pattern
 
 
+def _existing_vocab(path: str) -> str:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Vocabulary {path!r} does not exist.")
+  return path
+
+
 def _sources(config) -> tuple[dict[str, str], str]:
   """({"ln" | "captions" | "coco_captions": TFRecord pattern with "{split}"}, vocabulary path)."""
   d = config.data
@@ -179,9 +185,8 @@ def _sources(config) -> tuple[dict[str, str], str]:
     # A given vocabulary replaces the world's (trained on its train captions), e.g. to go on
     # from a checkpoint trained on a smaller world, whose vocabulary differs in a few pieces.
     vocab = d.get("vocab") or os.path.join(os.path.dirname(root), "spiece.model")
-    if not os.path.exists(vocab):
-      raise FileNotFoundError(f"Vocabulary {vocab!r} does not exist.")
-    return {k: os.path.join(root, names[k] + "_{split}.tfrecord-*") for k in wanted}, vocab
+    return ({k: os.path.join(root, names[k] + "_{split}.tfrecord-*") for k in wanted},
+            _existing_vocab(vocab))
   if d.source not in ("files", "ln"):
     raise ValueError(f"Unknown config.data.source {d.source!r}; use 'synthetic' or 'files' "
                      "('ln' is the same as 'files').")
@@ -189,8 +194,7 @@ def _sources(config) -> tuple[dict[str, str], str]:
   if not vocab:
     raise ValueError(f"config.data.source={d.source!r} needs --config.data.vocab=spiece.model (Flan-T5's) "
                      "or the environment variable PIXEL_LLM_VOCAB.")
-  if not os.path.exists(vocab):
-    raise FileNotFoundError(f"Vocabulary {vocab!r} does not exist.")
+  _existing_vocab(vocab)
   if task == "captions":
     patterns = {"captions": _files(config, "tfrecords", "PIXEL_LLM_CAPTIONS_TFRECORDS",
                                    "image-caption", "webli")}
