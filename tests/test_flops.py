@@ -55,8 +55,11 @@ def _dot_flops(lowered) -> int:
 
 @pytest.fixture(scope="module")
 def lowered():
-  """{group: (lowered program, analytic forward FLOPs)} for the toy network's pieces."""
-  config = _toy()
+  return _lowered_groups(_toy())
+
+
+def _lowered_groups(config):
+  """{group: (lowered program, analytic forward FLOPs)} for the network's pieces."""
   model = build.build_model(config)
   net = model.network
   batch = build.example_batch(config, 1)
@@ -121,6 +124,20 @@ def test_matmul_count_equals_xla_dots_exactly(lowered):
   convs = 2 * 100 * (16 * 16 * 3) * 64 + 2 * 100 * 64 * 256 + 2 * (28 * 28) * 256 * 256
   resize = 2 * 11 * 10 * (10 * 256) + 2 * 11 * 10 * (11 * 256)
   assert _dot_flops(program) + convs + resize == analytic
+
+
+def test_dense_output_tokens_are_counted_through_t5():
+  # The extractor's 11x11 image tokens join its 16 learnt ones: the dense_output_mlp, the visual
+  # projection and T5 over 16 + 121 visual tokens are still every dot, exactly.
+  config = _toy()
+  config.model.prompt_extractor.dense_output_tokens = True
+  groups = _lowered_groups(config)
+  for name in ("prompt", "t5_encoder", "t5_decoder"):
+    program, analytic = groups[name]
+    assert _dot_flops(program) == analytic, name
+  plain = flops.forward_flops(_toy())
+  dense = flops.forward_flops(config)
+  assert dense["t5_encoder"] > 3 * plain["t5_encoder"]
 
 
 def test_hand_computed_sam_blocks_with_window_padding():

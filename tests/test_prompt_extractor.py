@@ -101,3 +101,28 @@ def test_image_pe_in_values_adds_the_pe_to_the_image_tokens():
                 static_argnums=0)
   np.testing.assert_allclose(run(on, dense), run(off, dense + pe), rtol=1e-5, atol=1e-5)
   assert np.abs(np.asarray(run(on, dense) - run(off, dense))).max() > 1e-3
+
+
+def test_dense_output_tokens_append_the_placed_image_tokens():
+  b, h, w, c, s, e, q, f = 2, 3, 4, 6, 2, 8, 3, 10
+  kw = dict(depth=1, width=16, num_heads=2, mlp_dim=32, num_output_tokens=q, output_dim=f,
+            prompt_dim=e)
+  on, off = PromptFeatureExtractor(**kw, dense_output_tokens=True), PromptFeatureExtractor(**kw)
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape), jnp.float32),
+                        flax.linen.meta.unbox(_abstract(on, b, h, w, c, s)["params"]))
+  assert set(params) - set(_abstract(off, b, h, w, c, s)["params"]) == {"dense_output_mlp"}
+  norm = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  feats, pe, sparse, dense = norm(b, h, w, c), norm(h, w, e), norm(b, s, e), norm(b, h, w, e)
+  tokens, aux = on.apply({"params": params}, feats, pe, sparse, dense)
+  plain, _ = off.apply({"params": {k: v for k, v in params.items() if k != "dense_output_mlp"}},
+                       feats, pe, sparse, dense)
+  assert tokens.shape == (b, q + h * w, f)
+  np.testing.assert_allclose(tokens[:, :q], plain, rtol=1e-5, atol=1e-5)
+  # Token q + i is image cell i (row-major) plus its projected PE, through dense_output_mlp.
+  pos = np.asarray(pe) @ np.asarray(params["image_pe_projection_mlp"]["kernel"])
+  pos = pos + np.asarray(params["image_pe_projection_mlp"]["bias"])
+  placed = np.asarray(aux["image_tokens"]).reshape(b, h * w, -1) + pos.reshape(1, h * w, -1)
+  mlp = params["dense_output_mlp"]
+  want = placed @ np.asarray(mlp["kernel"]) + np.asarray(mlp["bias"])
+  np.testing.assert_allclose(tokens[:, q:], want, rtol=1e-4, atol=1e-4)

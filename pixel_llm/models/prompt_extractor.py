@@ -11,9 +11,11 @@ Parameter names follow the release (`output_tokens.weight` -> `output_tokens`,
 `{image_projection,prompt_embedding_projection,image_pe_projection}_mlp/layers.0` -> `*_mlp`,
 `transformer/layers.{i}` -> `transformer/layers_{i}`, `output_hypernetworks_mlps.{i}/layers.0`
 -> row i of the stacked `output_hypernetworks_mlps/{kernel,bias}`).
-Deviations: the release's unused `dense_output_mlp` (Linear D->F on image tokens, 525,312
-params at the release size) is dropped. As in the release, one projection serves both the sparse
-and the dense prompt, and the prompt projections are skipped when E == D.
+Deviations: the release holds a `dense_output_mlp` (Linear D->F on the image tokens, 525,312
+params at the release size) that its forward pass never uses; here it exists only with
+`dense_output_tokens` on (a deviation, off by default), which appends the H*W image tokens, each
+with its place added, to the Q output tokens. As in the release, one projection serves both the
+sparse and the dense prompt, and the prompt projections are skipped when E == D.
 """
 from typing import Any
 
@@ -49,6 +51,12 @@ class PromptFeatureExtractor(nn.Module):
   # also added to the image tokens themselves, so what a visual token reads says where it was read:
   # a deviation for networks whose towers carry little absolute position (the from-scratch toys).
   image_pe_in_values: bool = False
+  # Off in the release. On, the transformer's H*W image tokens plus their dense PE go to the
+  # language model too (through `dense_output_mlp`), after the Q learnt ones: the language model
+  # can then match words against every place in the image instead of a Q-token summary that was
+  # written before the text was seen (the referring toy's colour / shape words otherwise do not
+  # steer the box; benchmarks/RESULTS.md).
+  dense_output_tokens: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -59,8 +67,9 @@ class PromptFeatureExtractor(nn.Module):
 
     image_features: float[B, H, W, C]; image_pe: float[H, W, E] (SAM dense PE);
     sparse: float[B, S, E]; dense: float[B, H, W, E] (SAM dense prompt embedding).
-    Returns (tokens float32[B, Q, F], aux) with aux["output_tokens"] float[B, Q, D] (transformer
-    outputs before the heads) and aux["image_tokens"] float[B, H, W, D].
+    Returns (tokens float32[B, Q', F], aux) with Q' = Q (+ H*W with `dense_output_tokens`),
+    aux["output_tokens"] float[B, Q, D] (transformer outputs before the heads) and
+    aux["image_tokens"] float[B, H, W, D].
     """
     del train  # no dropout in the release
     b, h, w, _ = image_features.shape
@@ -93,7 +102,18 @@ class PromptFeatureExtractor(nn.Module):
 
     out = OutputHeads(self.num_output_tokens, self.output_dim, name="output_hypernetworks_mlps",
                       **kw)(hs)
+    if self.dense_output_tokens:
+      placed = keys + pos.reshape(1, h * w, -1).astype(keys.dtype)
+      dense_out = layers.dense(self.output_dim, ("embed", "mlp"), name="dense_output_mlp",
+                               **kw)(placed)
+      out = jnp.concatenate([out, dense_out.astype(out.dtype)], axis=1)
     return out.astype(jnp.float32), {"output_tokens": hs, "image_tokens": keys.reshape(b, h, w, -1)}
+
+
+def tokens_per_prompt(num_output_tokens: int, dense_output_tokens: bool, grid: tuple[int, int]
+                      ) -> int:
+  """Q': visual tokens per prompt for the language model (grid = the image feature map's H, W)."""
+  return num_output_tokens + (grid[0] * grid[1] if dense_output_tokens else 0)
 
 
 class OutputHeads(nn.Module):

@@ -180,6 +180,8 @@ def _prompt_extractor(ext, grid: int, in_dim: int) -> tuple[dict[str, float], di
     _add(per_prompt, _attn_layer(l, st, d, inner))  # image -> token
   _add(per_prompt, _attn_layer(st, l, d, inner))  # final token -> image
   per_prompt["weights"] += _mm(q, d, ext.output_dim)  # one head per output token
+  if ext.dense_output_tokens:
+    per_prompt["weights"] += _mm(l, d, ext.output_dim)  # dense_output_mlp on the image tokens
   return per_prompt, once
 
 
@@ -237,6 +239,7 @@ def _shapes(config) -> dict[str, int]:
 def forward_breakdown(config) -> dict[str, dict[str, float]]:
   """{component: {bucket: forward FLOPs of one example}} (see BUCKETS)."""
   from pixel_llm.models import build
+  from pixel_llm.models import prompt_extractor as prompt_extractor_lib
   net = build.build_network(config.model)
   s = config.model.image_size
   shape = _shapes(config)
@@ -254,7 +257,9 @@ def forward_breakdown(config) -> dict[str, dict[str, float]]:
       ("prompt_extractor", _prompt_extractor(net.prompt_extractor, grid, in_dim))):
     _add(out[name], per_prompt, r)
     _add(out[name], once)
-  q = net.prompt_extractor.num_output_tokens
+  ext = net.prompt_extractor
+  q = prompt_extractor_lib.tokens_per_prompt(ext.num_output_tokens, ext.dense_output_tokens,
+                                             (grid, grid))
   out["visual_projection"]["weights"] = r * _mm(q, net.prompt_extractor.output_dim,
                                                 net.visual_projection.features)
   cfg = net.t5.config
