@@ -7,14 +7,15 @@ class-agnostic proposal head (simple feature pyramid + CenterNet heatmap / box r
 NMS (0.9) are each captioned through the prompt path (`model.dense_caption_batch`) and scored by
 the DenseCap mAP (`metrics.densecap_map`: GT merged at 0.7, IoU x METEOR grid; METEOR needs Java).
 
-Training captions proposals as the release does: the release's text proposals are the first R
+Training captions proposals as the release does: the release's text proposals are the first N
 of the RoI head's samples (proposals from its `train_proposals` candidates plus the GT boxes,
 positives at IoU >= 0.6 first, in random order), each captioned with its matched region's caption
 (`models/pixel_llm._roi_text_proposals`); with the RoI head off, the proposal head's top
 `model.caption_proposals` boxes (NMS 0.9, no gradient) plus the GT boxes are matched the same way
-(`detection/matching.select_caption_prompts`). Deviations (stated in the README): R is
-`input.num_prompts` (16; the release: 32 text proposals from 512 RoI samples) and the GT boxes
-are the example's R regions. The release's single-stage RoI head (`models/roi_head.py`: RoIAlign
+(`detection/matching.select_caption_prompts`). As the release, an example holds up to
+`input.num_prompts` = 100 GT regions (the first 100 of the record; all are targets of the proposal
+and RoI heads) and the first `roi_head.text_proposals` = 32 of the 512 RoI samples are decoded.
+The release's single-stage RoI head (`models/roi_head.py`: RoIAlign
 7x7 from each box's pyramid level, fc 1024 x 2, fg / bg and box deltas, 512 RoIs per image at
 25% positive, NMS 0.5 at inference) is on (the toy's: fc 64, 64 RoIs per image).
 
@@ -41,6 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # on the toy it lifts mAP 0.764 -> 0.915 (0.906 with its text proposals; README;
   # `--config.model.roi_head.enabled=False`).
   c.model.roi_head.enabled = True
+  # The release's densecap examples hold up to 100 GT regions (all of them targets of the
+  # proposal and RoI heads) and decode 32 text proposals; the toy decodes its 4.
+  c.model.roi_head.text_proposals = 4 if toy else 32
+  if not toy:
+    c.input.num_prompts = 100
   c.loss.detection_weight = 1.0
   split = c.data.eval_splits[0]
   c.evals = ml_collections.ConfigDict({f"vg_densecap_{split}": {

@@ -123,20 +123,17 @@ def test_training_captions_proposals_matched_to_the_gt_regions():
   assert "prompt_gt_index" not in aux and "proposals" in aux
 
 
-def test_roi_head_trains_on_sampled_rois_and_refines_the_detections():
-  """model.roi_head: a training pass samples RoIs from the proposals plus the real GT regions
-  (the tasks' whole-image padding prompts, caption weight 0, are not GT), its Fast R-CNN loss
-  joins the detection loss with gradients into the head, the caption prompts are its first
-  samples (the release's text proposals), and `detect` returns refined boxes."""
+def _roi_toy(text_proposals: int = 0):
+  """A 64-px densecap toy with the RoI head, 3 prompts per image (2 real regions + 1 padding),
+  its batch of 2 random images and initial params: (model, batch, gt, weights, params)."""
   import jax
   import jax.numpy as jnp
-  from pixel_llm.detection import boxes as box_lib
   from pixel_llm.models import build
-  from pixel_llm.models import roi_head as roi_lib
 
   c = vg_densecap.get_config("toy")
   c.model.update(image_size=64, caption_proposals=8)
-  c.model.roi_head.update(enabled=True, train_proposals=8, test_proposals=8, samples_per_image=12)
+  c.model.roi_head.update(enabled=True, train_proposals=8, test_proposals=8, samples_per_image=12,
+                          text_proposals=text_proposals)
   c.input.update(max_target_len=5, num_prompts=3)
   model = build.build_model(c)
   batch = build.example_batch(c, 2, abstract=False)
@@ -148,6 +145,20 @@ def test_roi_head_trains_on_sampled_rois_and_refines_the_detections():
                decoder_target_tokens=targets, decoder_input_tokens=targets - 1,
                point_weights=jnp.zeros((2, 3, 5)), caption_weights=weights)
   params = jax.jit(model.init_variables)(jax.random.key(1), batch)["params"]
+  return model, batch, gt, weights, params
+
+
+def test_roi_head_trains_on_sampled_rois_and_refines_the_detections():
+  """model.roi_head: a training pass samples RoIs from the proposals plus the real GT regions
+  (the tasks' whole-image padding prompts, caption weight 0, are not GT), its Fast R-CNN loss
+  joins the detection loss with gradients into the head, the caption prompts are its first
+  samples (the release's text proposals), and `detect` returns refined boxes."""
+  import jax
+  import jax.numpy as jnp
+  from pixel_llm.detection import boxes as box_lib
+  from pixel_llm.models import roi_head as roi_lib
+
+  model, batch, gt, weights, params = _roi_toy()
   assert "roi_head" in params
 
   @jax.jit
@@ -191,3 +202,23 @@ def test_roi_head_trains_on_sampled_rois_and_refines_the_detections():
   assert boxes.shape == (2, 5, 4) and scores.shape == ok.shape == (2, 5)
   boxes, scores, ok = np.asarray(boxes), np.asarray(scores), np.asarray(ok)
   assert ((boxes >= 0) & (boxes <= 1)).all() and (scores[ok] > 0.05).all() and not scores[~ok].any()
+
+
+def test_fewer_text_proposals_than_regions_decode_only_those():
+  """roi_head.text_proposals = 2 < R = 3: the example's regions are all GT for the RoIs, but
+  only the first 2 RoI samples are decoded, each against its matched region's caption."""
+  import jax
+
+  model, batch, gt, weights, params = _roi_toy(text_proposals=2)
+  out, aux = jax.jit(lambda p, b, rng: model.network.apply(
+      {"params": p}, b["image"], b["decoder_input_tokens"], prompt_boxes=b["prompt_boxes"],
+      region_valid=weights > 0, train=True, rngs={"dropout": rng}))(params, batch,
+                                                                  jax.random.key(3))
+  assert out["logits"].shape[:3] == (2, 2, 5) and out["points"].shape[:3] == (2, 2, 5)
+  np.testing.assert_array_equal(aux["prompt_boxes"], aux["roi"]["boxes"][:, :2])
+  assert np.asarray(aux["prompt_valid"]).all()  # 2 real regions each, positives first
+  _, metrics = jax.jit(lambda p, b, rng: model.loss_fn(p, b, rng, train=True))(
+      params, batch, jax.random.key(3))
+  # 2 images x 2 decoded prompts x 5 target tokens, all non-padding and all weighted.
+  assert float(metrics["num_text_tokens"]) == 20
+  assert np.isfinite(float(metrics["loss"]))

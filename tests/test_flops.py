@@ -214,3 +214,12 @@ def test_chip_table_finds_gpus_by_substring_and_tpus_exactly():
   assert chips.lookup("TPU v7 something") is None and chips.lookup("cpu") is None
   with pytest.raises(ValueError, match="No datasheet figures"):
     chips.device_spec(jax.devices("cpu")[0])
+
+
+def test_densecap_counts_the_decoded_text_proposals_not_the_regions():
+  from configs import vg_densecap
+  config = vg_densecap.get_config()
+  assert config.input.num_prompts == 100  # regions per example (the heads' GT)
+  assert flops._shapes(config)["R"] == 32  # decoded per example
+  config.model.roi_head.text_proposals = 0
+  assert flops._shapes(config)["R"] == 100

@@ -273,8 +273,9 @@ class PixelLLM(nn.Module):
        aux {"hidden": [B, R, T, D], "visual_tokens": [B, R, Q, D], "image_features": [B, h, w, C]},
        plus, with a mask decoder, "masks": [B, R, 4hs, 4ws] logits and "iou_predictions": [B, R]
        for the prompt boxes; with `caption_proposals` in training, the matched prompts
-       "prompt_boxes" [B, R, 4], "prompt_gt_index" int32[B, R] (the GT region each caption target
-       comes from: gather the targets with `gather_prompts`) and "prompt_valid" bool[B, R]; with
+       "prompt_boxes" [B, N, 4], "prompt_gt_index" int32[B, N] (the GT region each caption target
+       comes from: gather the targets with `gather_prompts`) and "prompt_valid" bool[B, N]
+       (N = R, or the RoI head's `text_proposals`; then the outputs have N prompts, not R); with
        a RoI head in training, "roi": its sampled RoIs, targets and outputs (`_roi_samples`))
     """
     b, r, t = decoder_input_tokens.shape
@@ -289,8 +290,9 @@ class PixelLLM(nn.Module):
       elif self.is_initializing():  # its parameters exist for `detect` whatever the init pass
         self.roi_head(proposals["levels"], self.proposal_head.strides, jnp.zeros((b, 1, 4)))
     if train and self.caption_proposals and proposals is not None and prompt_boxes is not None:
-      if "roi" in matched:  # the release's text proposals: the first R RoI samples (fg first)
-        prompt_boxes, index, valid = _roi_text_proposals(matched["roi"], r)
+      if "roi" in matched:  # the release's text proposals: the first N RoI samples (fg first)
+        prompt_boxes, index, valid = _roi_text_proposals(matched["roi"],
+                                                         self.roi_head.text_proposals or r)
       else:
         rng = self.make_rng("dropout") if self.has_rng("dropout") else None
         prompt_boxes, index, valid = _caption_prompts(proposals, feats, prompt_boxes,
@@ -300,6 +302,7 @@ class PixelLLM(nn.Module):
       decoder_input_tokens = gather_prompts(decoder_input_tokens, index)
       prompt_text = gather_prompts(prompt_text, index) if prompt_text is not None else None
       matched.update(prompt_gt_index=index, prompt_valid=valid, prompt_boxes=prompt_boxes)
+      r = index.shape[1]
     visual = self.encode_prompts(feats, boxes=prompt_boxes, points=prompt_points,
                                  point_labels=prompt_point_labels, num_prompts=r, train=train)
     encoded, mask = self.encode_prefix(visual, prompt_text, train=train)
@@ -399,8 +402,8 @@ def _caption_prompts(proposals: dict, features: jax.Array, gt_boxes: jax.Array,
 
 
 def _roi_text_proposals(roi: dict[str, jax.Array], num_prompts: int):
-  """The first `num_prompts` of the RoI samples (`_roi_samples`; positives first, in random
-  order): (boxes float32[B, R, 4] in [0, 1], gt_index int32[B, R], valid bool[B, R]); a slot
+  """The first N = `num_prompts` of the RoI samples (`_roi_samples`; positives first, in random
+  order): (boxes float32[B, N, 4] in [0, 1], gt_index int32[B, N], valid bool[B, N]); a slot
   holding a background sample is invalid (its caption loss is masked)."""
   if num_prompts > roi["boxes"].shape[1]:
     raise ValueError(f"{num_prompts} caption prompts per image need at least as many RoI samples "

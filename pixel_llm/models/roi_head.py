@@ -80,6 +80,11 @@ class RoIBoxHead(nn.Module):
   score_threshold: float = 0.05
   nms_threshold: float = 0.5
   mult_proposal_score: bool = False
+  # Training prompts captioned per image with `caption_proposals` on: the first N RoI samples
+  # (the release's 32 text proposals); 0 = R, the example's region count. N below R lets the
+  # example carry all of an image's GT regions (the RoI and proposal targets) while only N of
+  # them are decoded.
+  text_proposals: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

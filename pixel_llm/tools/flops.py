@@ -229,10 +229,15 @@ def _location_head(head, d: int, t: int) -> dict[str, float]:
 
 
 def _shapes(config) -> dict[str, int]:
-  """R, C, T of one example, read from `build.example_batch` (the trainer's batch shapes)."""
+  """R, C, T of one example, read from `build.example_batch` (the trainer's batch shapes); R is
+  the prompts that are decoded: the RoI head's `text_proposals` where they replace the regions."""
   from pixel_llm.models import build
   batch = build.example_batch(config, 1, abstract=True)
   _, r, c = batch["prompt_text"].shape
+  m = config.model
+  roi = m.get("roi_head") or {}
+  if roi.get("enabled", False) and m.get("caption_proposals", 0) and roi.get("text_proposals", 0):
+    r = int(roi["text_proposals"])
   return {"R": r, "C": c, "T": batch["decoder_input_tokens"].shape[-1]}
 
 
