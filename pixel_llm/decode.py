@@ -50,7 +50,8 @@ def encode(network, params, batch: dict[str, Any], r: int) -> tuple[jax.Array, j
     feats = mdl.encode_image(batch["image"], batch.get("image_mask"))
     visual = mdl.encode_prompts(feats, boxes=batch.get("prompt_boxes"),
                                 points=batch.get("prompt_points"),
-                                point_labels=batch.get("prompt_point_labels"), num_prompts=r)
+                                point_labels=batch.get("prompt_point_labels"), num_prompts=r,
+                                prompt_text=batch.get("prompt_text"))
     return mdl.encode_prefix(visual, batch.get("prompt_text"))
   return network.apply({"params": params}, method=fn)
 

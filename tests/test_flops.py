@@ -74,8 +74,9 @@ def _lowered_groups(config):
 
   image = batch["image"]
   feats = jax.eval_shape(method("encode_image"), params, image)
-  encode_prompts = lambda p, f, b: method("encode_prompts")(p, f, boxes=b)
-  visual = jax.eval_shape(encode_prompts, params, feats, batch["prompt_boxes"])
+  encode_prompts = lambda p, f, b, t: method("encode_prompts")(p, f, boxes=b, prompt_text=t)
+  visual = jax.eval_shape(encode_prompts, params, feats, batch["prompt_boxes"],
+                          batch["prompt_text"])
   encode_prefix = lambda p, v, t: method("encode_prefix")(p, v, t)[0]
   encoded, mask = jax.eval_shape(method("encode_prefix"), params, visual, batch["prompt_text"])
   tokens = batch["decoder_input_tokens"]
@@ -89,7 +90,7 @@ def _lowered_groups(config):
                                   params["sam_image_encoder"], image), f["sam_image_encoder"]),
       "eva02": (lower(lambda p, x: net.eva02.apply({"params": p}, x)[0], params["eva02"], image),
                 f["eva02"]),
-      "prompt": (lower(encode_prompts, params, feats, batch["prompt_boxes"]),
+      "prompt": (lower(encode_prompts, params, feats, batch["prompt_boxes"], batch["prompt_text"]),
                  f["prompt_encoder"] + f["prompt_extractor"] + f["visual_projection"]),
       "t5_encoder": (lower(encode_prefix, params, visual, batch["prompt_text"]),
                      f["t5_encoder"]),
@@ -126,18 +127,24 @@ def test_matmul_count_equals_xla_dots_exactly(lowered):
   assert _dot_flops(program) + convs + resize == analytic
 
 
-def test_dense_output_tokens_are_counted_through_t5():
-  # The extractor's 11x11 image tokens join its 16 learnt ones: the dense_output_mlp, the visual
-  # projection and T5 over 16 + 121 visual tokens are still every dot, exactly.
+@pytest.mark.parametrize("option", ["dense_output_tokens", "text_conditioned"])
+def test_extractor_deviations_are_counted_exactly(option):
+  # dense_output_tokens: the extractor's 11x11 image tokens join its 16 learnt ones (the
+  # dense_output_mlp, the visual projection and T5 over 16 + 121 visual tokens);
+  # text_conditioned: the C prompt words join its tokens (their projection, longer attention).
+  # Either way every counted FLOP is still a dot and every dot is counted.
   config = _toy()
-  config.model.prompt_extractor.dense_output_tokens = True
+  config.model.prompt_extractor[option] = True
   groups = _lowered_groups(config)
   for name in ("prompt", "t5_encoder", "t5_decoder"):
     program, analytic = groups[name]
     assert _dot_flops(program) == analytic, name
-  plain = flops.forward_flops(_toy())
-  dense = flops.forward_flops(config)
-  assert dense["t5_encoder"] > 3 * plain["t5_encoder"]
+  plain, changed = flops.forward_flops(_toy()), flops.forward_flops(config)
+  if option == "dense_output_tokens":
+    assert changed["t5_encoder"] > 3 * plain["t5_encoder"]
+  else:
+    assert changed["prompt_extractor"] > plain["prompt_extractor"]
+    assert changed["t5_encoder"] == plain["t5_encoder"]
 
 
 def test_hand_computed_sam_blocks_with_window_padding():

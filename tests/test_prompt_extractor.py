@@ -126,3 +126,26 @@ def test_dense_output_tokens_append_the_placed_image_tokens():
   mlp = params["dense_output_mlp"]
   want = placed @ np.asarray(mlp["kernel"]) + np.asarray(mlp["bias"])
   np.testing.assert_allclose(tokens[:, q:], want, rtol=1e-4, atol=1e-4)
+
+
+def test_text_conditioned_reads_the_words_and_ignores_padding():
+  b, h, w, c, s, e, q, f, dt = 2, 3, 3, 6, 2, 8, 3, 10, 12
+  kw = dict(depth=2, width=16, num_heads=2, mlp_dim=32, num_output_tokens=q, output_dim=f,
+            prompt_dim=e, text_conditioned=True)
+  model = PromptFeatureExtractor(**kw)
+  rng = np.random.default_rng(2)
+  norm = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  feats, pe, sparse, dense = norm(b, h, w, c), norm(h, w, e), norm(b, s, e), norm(b, h, w, e)
+  text, mask = norm(b, 3, dt), jnp.asarray([[True, True, False], [True, False, False]])
+  params = model.init(jax.random.key(0), feats, pe, sparse, dense, text, mask)["params"]
+  assert "text_projection_mlp" in params
+  run = jax.jit(lambda t, m: model.apply({"params": params}, feats, pe, sparse, dense, t, m)[0])
+  out = run(text, mask)
+  # Padding words change nothing: other values there, or no padding slot at all.
+  np.testing.assert_allclose(run(text.at[0, 2].set(5.0).at[1, 1:].set(-3.0), mask), out,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(run(text[:, :2], mask[:, :2])[0], out[0], rtol=1e-5, atol=1e-5)
+  # Real words do.
+  assert np.abs(np.asarray(run(text.at[0, 1].set(5.0), mask) - out))[0].max() > 1e-3
+  with np.testing.assert_raises_regex(ValueError, "needs the prompt text"):
+    model.apply({"params": params}, feats, pe, sparse, dense)

@@ -180,7 +180,8 @@ class PixelLLM(nn.Module):
   @_attention_scoped
   def encode_prompts(self, features: jax.Array, *, boxes: jax.Array | None = None,
                      points: jax.Array | None = None, point_labels: jax.Array | None = None,
-                     num_prompts: int | None = None, train: bool = False) -> jax.Array:
+                     num_prompts: int | None = None, prompt_text: jax.Array | None = None,
+                     train: bool = False) -> jax.Array:
     """Visual tokens for every location prompt.
 
     Args:
@@ -188,6 +189,7 @@ class PixelLLM(nn.Module):
       boxes: float[B, R, 4] xyxy in [0, 1] of the padded square; None = the whole image.
       points: float[B, R, N, 2] xy in [0, 1]; point_labels: int32[B, R, N] (1 pos, 0 neg, -1 pad).
       num_prompts: R when neither boxes nor points are given (default 1).
+      prompt_text: int32[B, R, C] (0 = padding); read only by a text-conditioned extractor.
     Returns:
       float[B, R, Q, D] visual tokens in the language model's width.
     """
@@ -207,7 +209,13 @@ class PixelLLM(nn.Module):
     sparse, dense = self.prompt_encoder(image_grid=(h, w), input_size=size, **kwargs)
     image_pe = self.prompt_encoder.get_dense_pe((h, w))
     per_prompt = jnp.repeat(features, r, axis=0)  # [B*R, h, w, C]; image towers ran once per image
-    tokens, _ = self.prompt_extractor(per_prompt, image_pe, sparse, dense, train=train)
+    text = {}
+    if self.prompt_extractor.text_conditioned:
+      if prompt_text is None:
+        raise ValueError("model.prompt_extractor.text_conditioned needs the prompt text.")
+      ids = prompt_text.reshape(b * r, -1)
+      text = dict(text=self.t5.embed(ids), text_mask=ids > 0)
+    tokens, _ = self.prompt_extractor(per_prompt, image_pe, sparse, dense, **text, train=train)
     tokens = self.visual_projection(tokens)
     return tokens.reshape(b, r, *tokens.shape[1:])
 
@@ -304,7 +312,8 @@ class PixelLLM(nn.Module):
       matched.update(prompt_gt_index=index, prompt_valid=valid, prompt_boxes=prompt_boxes)
       r = index.shape[1]
     visual = self.encode_prompts(feats, boxes=prompt_boxes, points=prompt_points,
-                                 point_labels=prompt_point_labels, num_prompts=r, train=train)
+                                 point_labels=prompt_point_labels, num_prompts=r,
+                                 prompt_text=prompt_text, train=train)
     encoded, mask = self.encode_prefix(visual, prompt_text, train=train)
     logits, hidden, points = self.decode(encoded, mask, decoder_input_tokens.reshape(b * r, t),
                                          train=train)

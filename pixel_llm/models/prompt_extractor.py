@@ -57,16 +57,26 @@ class PromptFeatureExtractor(nn.Module):
   # written before the text was seen (the referring toy's colour / shape words otherwise do not
   # steer the box; benchmarks/RESULTS.md).
   dense_output_tokens: bool = False
+  # Off in the release. On, the prompt text's token embeddings join the sparse prompt tokens
+  # (through `text_projection_mlp`), so the output tokens are read with the words in view: a
+  # referring expression can then pick its object inside the extractor, as SAM's prompt tokens
+  # pick theirs (the towers see colour at an object's place, yet the toy's colour words do not
+  # steer its box; benchmarks/RESULTS.md). A deviation for the from-scratch toys.
+  text_conditioned: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, image_features: jax.Array, image_pe: jax.Array, sparse: jax.Array,
-               dense: jax.Array, *, train: bool = False) -> tuple[jax.Array, dict]:
+               dense: jax.Array, text: jax.Array | None = None,
+               text_mask: jax.Array | None = None, *, train: bool = False
+               ) -> tuple[jax.Array, dict]:
     """Extracts Q tokens per prompt.
 
     image_features: float[B, H, W, C]; image_pe: float[H, W, E] (SAM dense PE);
-    sparse: float[B, S, E]; dense: float[B, H, W, E] (SAM dense prompt embedding).
+    sparse: float[B, S, E]; dense: float[B, H, W, E] (SAM dense prompt embedding);
+    text float[B, C, Dt] with text_mask bool[B, C]: the prompt text's token embeddings (read only
+    with `text_conditioned`, which needs them).
     Returns (tokens float32[B, Q', F], aux) with Q' = Q (+ H*W with `dense_output_tokens`),
     aux["output_tokens"] float[B, Q, D] (transformer outputs before the heads) and
     aux["image_tokens"] float[B, H, W, D].
@@ -93,11 +103,18 @@ class PromptFeatureExtractor(nn.Module):
     out_tokens = jnp.broadcast_to(out_tokens.astype(self.dtype),
                                   (b, self.num_output_tokens, self.width))
     tokens = jnp.concatenate([out_tokens, prompt_proj(sparse).astype(self.dtype)], axis=1)
+    token_mask = None
+    if self.text_conditioned:
+      if text is None or text_mask is None:
+        raise ValueError("A text-conditioned prompt feature extractor needs the prompt text.")
+      words = layers.dense(self.width, (None, "embed"), name="text_projection_mlp", **kw)(text)
+      token_mask = jnp.concatenate([jnp.ones(tokens.shape[:2], bool), text_mask], axis=1)
+      tokens = jnp.concatenate([tokens, words.astype(self.dtype)], axis=1)
 
     hs, keys = TwoWayTransformer(
         depth=self.depth, embedding_dim=self.width, num_heads=self.num_heads,
         mlp_dim=self.mlp_dim, attention_downsample_rate=self.attention_downsample_rate,
-        name="transformer", **kw)(src, pos, tokens)
+        name="transformer", **kw)(src, pos, tokens, token_mask=token_mask)
     hs = hs[:, :self.num_output_tokens]
 
     out = OutputHeads(self.num_output_tokens, self.output_dim, name="output_hypernetworks_mlps",

@@ -82,8 +82,9 @@ class TwoWayAttentionBlock(nn.Module):
   kernel_init: Callable[..., jax.Array] = default_kernel_init
 
   @nn.compact
-  def __call__(self, queries, keys, query_pe, key_pe, key_mask=None):
-    """queries/query_pe: [B, S, D]; keys/key_pe: [B, L, D]; key_mask: bool[B, L] or None."""
+  def __call__(self, queries, keys, query_pe, key_pe, key_mask=None, query_mask=None):
+    """queries/query_pe: [B, S, D]; keys/key_pe: [B, L, D]; key_mask: bool[B, L] or None;
+    query_mask: bool[B, S] or None (False: a padding token nothing attends to)."""
     akw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
     nkw = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     d, n, r = self.embedding_dim, self.num_heads, self.attention_downsample_rate
@@ -91,10 +92,10 @@ class TwoWayAttentionBlock(nn.Module):
     self_attn = Attention(d, n, 1, name="self_attn", **akw)
     if self.skip_first_layer_pe:
       # SAM: no residual here, the first layer's tokens are the raw prompt embeddings.
-      queries = self_attn(queries, queries, queries)
+      queries = self_attn(queries, queries, queries, mask=query_mask)
     else:
       q = queries + query_pe
-      queries = queries + self_attn(q, q, queries)
+      queries = queries + self_attn(q, q, queries, mask=query_mask)
     queries = layer_norm(name="norm1", **nkw)(queries)
 
     q, k = queries + query_pe, keys + key_pe
@@ -107,7 +108,8 @@ class TwoWayAttentionBlock(nn.Module):
 
     # Image tokens as queries: padded image positions still get (ignored) outputs.
     q, k = queries + query_pe, keys + key_pe
-    keys = keys + Attention(d, n, r, name="cross_attn_image_to_token", **akw)(k, q, queries)
+    keys = keys + Attention(d, n, r, name="cross_attn_image_to_token", **akw)(
+        k, q, queries, mask=query_mask)
     keys = layer_norm(name="norm4", **nkw)(keys)
     return queries, keys
 
@@ -128,12 +130,14 @@ class TwoWayTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, image_embedding: jax.Array, image_pe: jax.Array, point_embedding: jax.Array,
-               image_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               image_mask: jax.Array | None = None, token_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """Runs the two-way transformer.
 
     image_embedding: float[B, H, W, D]; image_pe: float[H, W, D] or [B, H, W, D];
     point_embedding: float[B, S, D] (also the query PE, as in SAM);
-    image_mask: bool[B, H*W] (True = real token) or None: padded image tokens are never attended to.
+    image_mask: bool[B, H*W] (True = real token) or None: padded image tokens are never attended to;
+    token_mask: bool[B, S] likewise for the prompt tokens (their outputs are then meaningless).
     Returns (queries float[B, S, D], keys float[B, H*W, D]).
     """
     b, h, w, d = image_embedding.shape
@@ -148,7 +152,7 @@ class TwoWayTransformer(nn.Module):
       queries, keys = TwoWayAttentionBlock(
           d, self.num_heads, self.mlp_dim, self.activation, self.attention_downsample_rate,
           skip_first_layer_pe=(i == 0), layer_norm_eps=self.layer_norm_eps, name=f"layers_{i}",
-          **akw)(queries, keys, point_embedding, key_pe, image_mask)
+          **akw)(queries, keys, point_embedding, key_pe, image_mask, token_mask)
     q, k = queries + point_embedding, keys + key_pe
     final_attn = Attention(d, self.num_heads, self.attention_downsample_rate,
                            name="final_attn_token_to_image", **akw)

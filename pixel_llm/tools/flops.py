@@ -163,11 +163,15 @@ def _add(a: dict[str, float], b: dict[str, float], times: float = 1.0) -> None:
     a[k] += times * b[k]
 
 
-def _prompt_extractor(ext, grid: int, in_dim: int) -> tuple[dict[str, float], dict[str, float]]:
-  """Two-way transformer of Q learnt + S prompt tokens against the L = grid^2 image tokens."""
+def _prompt_extractor(ext, grid: int, in_dim: int, text_len: int, text_dim: int
+                      ) -> tuple[dict[str, float], dict[str, float]]:
+  """Two-way transformer of Q learnt + S prompt tokens (+ C words when text-conditioned) against
+  the L = grid^2 image tokens."""
   per_prompt, once = _zero(), _zero()
   l, d, e, q = grid * grid, ext.width, ext.prompt_dim, ext.num_output_tokens
-  st = q + BOX_TOKENS
+  words = text_len if ext.text_conditioned else 0
+  st = q + BOX_TOKENS + words
+  per_prompt["weights"] += _mm(words, text_dim, d)  # text_projection_mlp
   inner = d // ext.attention_downsample_rate
   per_prompt["weights"] += _mm(l, in_dim, d)  # image projection
   if e != d:
@@ -259,7 +263,8 @@ def forward_breakdown(config) -> dict[str, dict[str, float]]:
     out["eva02"] = _eva02(eva, s)
   for name, (per_prompt, once) in (
       ("prompt_encoder", _prompt_encoder(net.prompt_encoder, grid)),
-      ("prompt_extractor", _prompt_extractor(net.prompt_extractor, grid, in_dim))):
+      ("prompt_extractor", _prompt_extractor(net.prompt_extractor, grid, in_dim, c,
+                                             net.t5.config.d_model))):
     _add(out[name], per_prompt, r)
     _add(out[name], once)
   ext = net.prompt_extractor
