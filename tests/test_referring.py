@@ -17,6 +17,17 @@ from pixel_llm.model import PixelLLMModel
 from tiny_train_config import shallow  # tests/tiny_train_config.py
 
 
+def _benchmark(name: str):
+  """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 class _StubNetwork:
   """points[b, r, t] = (t, 10 t) for both points: the read-out position is visible in the value."""
   image_size = 64
@@ -264,13 +275,8 @@ def test_loc_caption_refcocog_packs_expressions_of_an_image(tmp_path):
 def test_referring_breakdown_groups_expressions_by_kind(tmp_path, capsys):
   """benchmarks/referring_breakdown.py: each kind of synthetic expression lands in its group, and
   the figures are the rows' own."""
-  import importlib.util
   import json
-  import pathlib
-  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "referring_breakdown.py"
-  spec = importlib.util.spec_from_file_location("referring_breakdown", path)
-  breakdown = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(breakdown)
+  breakdown = _benchmark("referring_breakdown")
   assert [breakdown.kind(e) for e in ("the red circle", "The circle on the left",
                                       "small shape to the left of the blue star",
                                       "the red shape at the top", "the ring below the square")] == [
@@ -305,14 +311,9 @@ def test_referring_binding_assigns_boxes_to_objects_against_the_words(tmp_path):
   """benchmarks/referring_binding.py: on a regenerated val scene, a box on the referred object,
   on another object of the named colour, on one sharing no named word, and on no object land in
   their outcomes; chance is each outcome's share of the image's objects."""
-  import importlib.util
   import json
-  import pathlib
   from pixel_llm.data import synthetic
-  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "referring_binding.py"
-  spec = importlib.util.spec_from_file_location("referring_binding", path)
-  binding = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(binding)
+  binding = _benchmark("referring_binding")
   for image_id in range(1_000_001, 1_000_200):  # a scene with a colour shared by two objects
     objects = synthetic.make_example(0, image_id, "val", 128).objects
     pairs = [(t, s) for t in objects for s in objects if s is not t and s.color == t.color]
@@ -340,12 +341,7 @@ def test_referring_binding_assigns_boxes_to_objects_against_the_words(tmp_path):
 def test_grounding_probe_scores_named_and_first_shapes():
   """benchmarks/grounding_probe.py: the nearest box by centre, and the per-rank shares of
   pointing at the named shape, at the first one, and chance; one-shape images are left out."""
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "grounding_probe.py"
-  spec = importlib.util.spec_from_file_location("grounding_probe", path)
-  probe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(probe)
+  probe = _benchmark("grounding_probe")
   boxes = np.array([[0, 0, 10, 10], [50, 50, 70, 70], [0, 80, 20, 100]], np.float32)
   assert probe.nearest(boxes, np.array([55, 52, 66, 64])) == 1
   assert probe.nearest(boxes, np.array([2, 85, 6, 90])) == 2
@@ -374,12 +370,7 @@ def test_grounding_probe_scores_named_and_first_shapes():
 def test_referring_probe_prompts_each_expression_with_its_box():
   """benchmarks/referring_probe.py --prompt_gt_box: every packed expression gets the box of its
   own EOS position; padded expressions a zero box."""
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "referring_probe.py"
-  spec = importlib.util.spec_from_file_location("referring_probe", path)
-  probe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(probe)
+  probe = _benchmark("referring_probe")
   weights = np.zeros((1, 3, 5), np.float32)
   targets = np.zeros((1, 3, 5, 2, 2), np.float32)
   weights[0, 0, 2] = 1.0
@@ -388,3 +379,37 @@ def test_referring_probe_prompts_each_expression_with_its_box():
   targets[0, 1, 4] = [[0.1, 0.2], [0.3, 0.4]]
   boxes = probe.gt_box_prompts({"point_weights": weights, "point_targets": targets})
   np.testing.assert_allclose(boxes, [[[0.2, 0.1, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4], [0, 0, 0, 0]]])
+
+
+def test_feature_probe_reads_each_object_at_its_centre_cell(tmp_path):
+  """benchmarks/feature_probe.py: the feature of an object is its centre's grid cell; the ridge
+  classifier separates what is separable and not noise; and the whole script runs on a
+  checkpoint, scoring each attribute against its majority class."""
+  import json
+  import types
+  from configs import refcoco
+  from test_api_tasks import _workdir  # tests/test_api_tasks.py: a trainer-style workdir
+  probe = _benchmark("feature_probe")
+  maps = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4, 1)  # cell value = its index
+  obj = lambda x, y: types.SimpleNamespace(center=(x, y))  # noqa: E731
+  got = probe._at_objects(maps, [[obj(0.1, 0.1), obj(0.99, 0.5)], [obj(0.6, 0.9)]])
+  np.testing.assert_array_equal(got[:, 0], [0, 4 + 3, 12 + 8 + 2])
+  rng = np.random.default_rng(0)
+  labels = rng.integers(3, size=400)
+  onehot = np.eye(3)[labels] + 0.1 * rng.normal(size=(400, 3))
+  assert probe.ridge_accuracy(onehot[:300], labels[:300], onehot[300:], labels[300:]) == 1.0
+  noise = rng.normal(size=(400, 20))
+  assert probe.ridge_accuracy(noise[:300], labels[:300], noise[300:], labels[300:]) < 0.5
+
+  config = shallow(refcoco.get_config("toy"))
+  workdir = _workdir(tmp_path / "w", config, seed=0)
+  out = tmp_path / "probe.json"
+  assert probe.main([f"--checkpoint={workdir}", "--train_images=12", "--val_images=6",
+                     f"--out={out}"]) == 0
+  table = json.loads(out.read_text())["attributes"]
+  from pixel_llm.data import synthetic
+  colors = [o.color for i in range(6)
+            for o in synthetic.make_example(0, synthetic.VAL_START_ID + i, "val").objects]
+  assert table["color"]["majority"] == round(max(map(colors.count, colors)) / len(colors), 3)
+  assert set(table) == {"color", "shape", "size"}
+  assert all(0.0 <= row[k] <= 1.0 for row in table.values() for k in ("towers", "extractor"))
