@@ -73,5 +73,6 @@ stage train_step "$TRAIN_LIMIT" python3 benchmarks/train_step.py --config="$CONF
   --towers="$TOWERS" --attention=xla,cudnn --dtype=bfloat16 --batch="${ENCODER_BATCH:-16}" \
   --iters=10 --scan --out="$OUT/encoders.json"
 stage caption_decode "$DECODE_LIMIT" python3 benchmarks/caption_decode.py --config="$CONFIG" \
-  --batch="${DECODE_BATCH:-1,64}" --new_tokens=128 --dtype=bfloat16 --repeats=3 --scan --out="$OUT/caption_decode.json"
+  --batch="${DECODE_BATCH:-1,64}" --new_tokens=128 --dtype=bfloat16 --repeats=3 --scan \
+  --attention="${DECODE_ATTENTION:-cudnn}" --out="$OUT/caption_decode.json"
 echo "=== done $(date +%T)"

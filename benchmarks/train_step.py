@@ -117,9 +117,11 @@ def time_batch(training, config, batch_size: int, steps: int) -> dict:
   """Compiles and times the step at one batch size; raises on out-of-memory."""
   state = training.init(jax.random.key(1))  # per size: the step donates (deletes) its state
   batch = {k: jax.device_put(v) for k, v in random_batch(config, batch_size).items()}
+  print(f"batch {batch_size}: compiling", flush=True)
   t0 = time.time()
   compiled = training.compile_step(state, batch)
   compile_s = time.time() - t0
+  print(f"batch {batch_size}: compiled in {compile_s:.1f} s; timing {steps} steps", flush=True)
   xla_flops = _xla_step_flops(compiled)
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)

@@ -48,6 +48,16 @@ def test_dot_product_equals_einsums(case):
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+def test_empty_queries_under_a_fused_implementation():
+  """T5 sets up its decoding cache with zero query tokens; the fused path cannot fold an empty
+  batch (reshape(-1) of size 0), so empty attentions take the einsum path under every impl."""
+  q, k, v = _qkv(np.random.default_rng(3), (3,), 0, 7)
+  kw = {"bias": jnp.zeros((1, 4, 0, 7)), "mask": jnp.ones((3, 1, 1, 7), bool)}
+  with layers.attention_implementation("dot_product"):
+    got = layers.attention(q, k, v, **kw)
+  assert got.shape == (3, 0, 4, 8)
+
+
 def test_unknown_implementation_is_an_error():
   with pytest.raises(ValueError, match="flash"):
     with layers.attention_implementation("flash"):

@@ -191,7 +191,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | Non
   if scale is None:
     scale = q.shape[-1] ** -0.5
   impl = _ATTENTION_IMPL.get()
-  if impl != "xla":
+  if impl != "xla" and q.size and k.size:  # empty (T5's cache set-up at Tq=0): the einsums below
     return _fused_attention(q, k, v, bias, mask, scale, impl)
   logits = jnp.einsum("...qnd,...knd->...nqk", q, k).astype(jnp.float32) * scale
   if bias is not None:
