@@ -67,11 +67,11 @@ def model_config(*, sam="vit_h", eva02="L", t5="xl", prompt_extractor="release",
                  drop_path_rate=0.1 if eva02 != "tiny" else 0.0, remat=False,
                  remat_policy="nothing_saveable", scan_layers=False)
   c.prompt_encoder = dict(embed_dim=prompt_dim)
-  # image_pe_in_values, dense_output_tokens, text_conditioned: deviations for the from-scratch
-  # toys, off as in the release (models/prompt_extractor.py).
+  # image_pe_in_values, dense_output_tokens, text_conditioned, place_logits: deviations for the
+  # from-scratch toys, off as in the release (models/prompt_extractor.py).
   c.prompt_extractor = dict(PROMPT_EXTRACTOR[prompt_extractor], prompt_dim=prompt_dim,
                             image_pe_in_values=False, dense_output_tokens=False,
-                            text_conditioned=False)
+                            text_conditioned=False, place_logits=False)
   c.t5 = dict(T5[t5], vocab_size=vocab_size, dropout_rate=0.1, lora_rank=lora_rank,
               lora_scale=2.0, remat=False, remat_policy="nothing_saveable", scan_layers=False)
   c.location_head = dict(hidden_dim=512 if t5 != "tiny" else 128, depth=4, num_points=2)

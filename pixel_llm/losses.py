@@ -1,9 +1,11 @@
-"""PixelLLM losses: label-smoothed caption cross-entropy and per-token point L1.
+"""PixelLLM losses: label-smoothed caption cross-entropy, per-token point L1 and the referred-place
+cross-entropy (a deviation, off by default).
 
 Shapes: B batch, R prompts per image, T decoder length, V vocabulary, K points per token.
 """
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def label_smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -44,6 +46,42 @@ def point_l1(pred: jax.Array, target: jax.Array, weights: jax.Array) -> tuple[ja
   weights = weights.astype(jnp.float32)
   count = weights.sum()
   return (per_token * weights).sum() / jnp.maximum(count, 1.0), count
+
+
+def place_bce(logits: jax.Array, point_targets: jax.Array, point_weights: jax.Array
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Class-balanced sigmoid cross-entropy of per-place logits against "inside the prompt's
+  located boxes" (the referred object's box for a referring prompt).
+
+  Args:
+    logits: float[B, R, H, W], one per feature-grid cell (cell centres at (j + 0.5) / W, ...).
+    point_targets: float[B, R, T, K, 2] in [0, 1]; each weighted token's K points span a box.
+    point_weights: float[B, R, T]; a cell is positive if its centre is in any weighted box.
+  Returns:
+    (loss: per prompt the mean over positive cells plus the mean over negative cells, averaged
+     over prompts with a weighted token and at least one positive cell; 0 if none,
+     {"place_accuracy": cell accuracy at logit 0 over those prompts, "place_prompts": count})
+  """
+  _, _, h, w = logits.shape
+  lo = point_targets.min(-2).astype(jnp.float32)  # [B, R, T, 2] xy
+  hi = point_targets.max(-2).astype(jnp.float32)
+  ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
+  xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+  inside_x = (xs >= lo[..., None, 0:1]) & (xs <= hi[..., None, 0:1])  # [B, R, T, 1, W]
+  inside_y = (ys[:, None] >= lo[..., None, None, 1]) & (ys[:, None] <= hi[..., None, None, 1])
+  weighted = (point_weights > 0)[..., None, None]
+  target = (inside_x & inside_y & weighted).any(axis=2).astype(jnp.float32)  # [B, R, H, W]
+  pos = target.sum((-2, -1))
+  valid = ((pos > 0) & (point_weights > 0).any(-1)).astype(jnp.float32)  # [B, R]
+  logits = logits.astype(jnp.float32)
+  ce = optax.sigmoid_binary_cross_entropy(logits, target)
+  pos_mean = (ce * target).sum((-2, -1)) / jnp.maximum(pos, 1.0)
+  neg_mean = (ce * (1 - target)).sum((-2, -1)) / jnp.maximum(h * w - pos, 1.0)
+  count = valid.sum()
+  loss = ((pos_mean + neg_mean) * valid).sum() / jnp.maximum(count, 1.0)
+  correct = ((logits > 0) == (target > 0)).astype(jnp.float32).mean((-2, -1))
+  accuracy = (correct * valid).sum() / jnp.maximum(count, 1.0)
+  return loss, {"place_accuracy": accuracy, "place_prompts": count}
 
 
 def token_accuracy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:

@@ -57,6 +57,11 @@ class LossConfig:
   # loss (heatmap focal x0.5 + GIoU), the prompt boxes with caption_weights > 0 as GT regions,
   # plus, with a RoI head, its Fast R-CNN loss (fg / bg cross-entropy + delta L1) as the release.
   detection_weight: float = 0.0
+  # Not in the release (a deviation, 0 = off): place_weight x `losses.place_bce` of the prompt
+  # feature extractor's per-place logits (`model.prompt_extractor.place_logits`) against the
+  # located boxes of each prompt's targets: for referring, "which places hold the referred
+  # object", a direct signal for binding the expression's words to places.
+  place_weight: float = 0.0
 
 
 class PixelLLMModel:
@@ -131,6 +136,13 @@ class PixelLLMModel:
       r_loss, r_metrics = roi_lib.roi_loss(r["logits"], r["pred_deltas"], r)
       loss = loss + cfg.detection_weight * r_loss
       metrics.update(loss=loss, roi_loss=r_loss, **r_metrics)
+    if cfg.place_weight > 0:
+      if "place_logits" not in aux:
+        raise ValueError("loss.place_weight needs model.prompt_extractor.place_logits.")
+      p_loss, p_metrics = losses.place_bce(aux["place_logits"], tb["point_targets"],
+                                           tb["point_weights"])
+      loss = loss + cfg.place_weight * p_loss
+      metrics.update(loss=loss, place_loss=p_loss, **p_metrics)
     if cfg.mask_weight > 0 and "masks" in aux and batch.get("masks") is not None:
       m_loss, m_aux = self._mask_loss(aux, batch)
       loss = loss + cfg.mask_weight * m_loss

@@ -39,3 +39,31 @@ def test_token_accuracy():
   logits = jnp.array([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])
   acc = losses.token_accuracy(logits, jnp.array([[1, 1, 0]]), jnp.array([[1.0, 1.0, 0.0]]))
   np.testing.assert_allclose(acc, 0.5)
+
+
+def test_place_bce_targets_the_cells_inside_weighted_boxes():
+  # A 4x4 grid (cell centres 0.125, 0.375, ...); prompt 0's weighted token spans the top-left
+  # 2x2 cells, its unweighted token (other corners) adds nothing; prompt 1 has no weighted token.
+  targets = np.zeros((1, 2, 2, 2, 2), np.float32)
+  targets[0, 0, 0] = [[0.5, 0.5], [0.0, 0.0]]  # corners in either order
+  targets[0, 0, 1] = [[0.5, 0.5], [1.0, 1.0]]
+  weights = np.array([[[1.0, 0.0], [0.0, 0.0]]], np.float32)
+  want = np.zeros((4, 4), np.float32)
+  want[:2, :2] = 1.0
+  perfect = np.zeros((1, 2, 4, 4), np.float32)
+  perfect[0, 0] = np.where(want > 0, 20.0, -20.0)
+  perfect[0, 1] = 20.0  # prompt 1 is ignored whatever its logits
+  loss, m = losses.place_bce(jnp.asarray(perfect), jnp.asarray(targets), jnp.asarray(weights))
+  assert float(loss) < 1e-6 and float(m["place_accuracy"]) == 1.0
+  assert float(m["place_prompts"]) == 1.0
+  # Zero logits: log 2 over the positives plus log 2 over the negatives (class-balanced).
+  loss, m = losses.place_bce(jnp.zeros((1, 2, 4, 4)), jnp.asarray(targets), jnp.asarray(weights))
+  np.testing.assert_allclose(float(loss), 2 * np.log(2.0), rtol=1e-6)
+  # Everything predicted inside: the 12 negatives are wrong.
+  loss, m = losses.place_bce(jnp.full((1, 2, 4, 4), 20.0), jnp.asarray(targets),
+                             jnp.asarray(weights))
+  np.testing.assert_allclose(float(m["place_accuracy"]), 4 / 16)
+  np.testing.assert_allclose(float(loss), 20.0, rtol=1e-6)
+  # No prompt with a weighted token: 0, not NaN.
+  loss, m = losses.place_bce(jnp.zeros((1, 2, 4, 4)), jnp.asarray(targets), jnp.zeros((1, 2, 2)))
+  assert float(loss) == 0.0 and float(m["place_prompts"]) == 0.0

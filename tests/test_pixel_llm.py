@@ -135,6 +135,30 @@ def test_loss_metrics_and_caption_mask():
   np.testing.assert_allclose(loss_off, 0.1 * 64 * m_off["point_loss"], rtol=1e-6)
 
 
+def test_place_loss_trains_the_place_head_through_the_extractor():
+  """loss.place_weight with the extractor's place_logits: the term joins the loss and its
+  gradient reaches the place head and the extractor's transformer; without the head it is a
+  clear error."""
+  config, _, _, batch = _setup()
+  config = config.copy_and_resolve_references()
+  config.model.prompt_extractor.place_logits = True
+  config.loss.place_weight = 0.5
+  model = build.build_model(config)
+  import flax.linen as nn
+  params = nn.meta.unbox(model.init_variables(jax.random.key(0), batch)["params"])
+  loss_fn = lambda p: model.loss_fn(p, batch, None, train=False)  # noqa: E731
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  assert metrics["place_prompts"] == B * R  # every prompt has weighted (random) boxes
+  np.testing.assert_allclose(loss, metrics["caption_loss"] + 0.1 * 64 * metrics["point_loss"]
+                             + 0.5 * metrics["place_loss"], rtol=1e-6)
+  extractor = grads["prompt_extractor"]
+  assert float(jnp.abs(extractor["place_head"]["kernel"]).sum()) > 0
+  assert float(jnp.abs(extractor["image_projection_mlp"]["kernel"]).sum()) > 0
+  config.model.prompt_extractor.place_logits = False
+  with pytest.raises(ValueError, match="place_logits"):
+    build.build_model(config).loss_fn(params, batch, None, train=False)
+
+
 def test_a_few_adam_steps_reduce_the_loss():
   import optax
   _, model, params, batch = _setup()

@@ -149,3 +149,24 @@ def test_text_conditioned_reads_the_words_and_ignores_padding():
   assert np.abs(np.asarray(run(text.at[0, 1].set(5.0), mask) - out))[0].max() > 1e-3
   with np.testing.assert_raises_regex(ValueError, "needs the prompt text"):
     model.apply({"params": params}, feats, pe, sparse, dense)
+
+
+def test_place_logits_are_a_linear_read_of_the_image_tokens():
+  b, h, w, c, s, e, q, f = 2, 3, 4, 6, 2, 8, 3, 10
+  kw = dict(depth=1, width=16, num_heads=2, mlp_dim=32, num_output_tokens=q, output_dim=f,
+            prompt_dim=e)
+  rng = np.random.default_rng(3)
+  norm = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  inputs = (norm(b, h, w, c), norm(h, w, e), norm(b, s, e), norm(b, h, w, e))
+  model = PromptFeatureExtractor(**kw, place_logits=True)
+  params = flax.linen.meta.unbox(model.init(jax.random.key(0), *inputs)["params"])
+  tokens, aux = model.apply({"params": params}, *inputs)
+  assert aux["place_logits"].shape == (b, h, w)
+  head = params["place_head"]
+  want = np.asarray(aux["image_tokens"]) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+  np.testing.assert_allclose(aux["place_logits"], want[..., 0], rtol=1e-5, atol=1e-5)
+  # The head adds an output only: the tokens are those of the extractor without it.
+  plain = PromptFeatureExtractor(**kw)
+  no_head = {k: v for k, v in params.items() if k != "place_head"}
+  np.testing.assert_allclose(plain.apply({"params": no_head}, *inputs)[0], tokens, rtol=1e-6)
+  assert "place_logits" not in plain.apply({"params": no_head}, *inputs)[1]

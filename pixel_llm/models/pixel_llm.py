@@ -181,7 +181,7 @@ class PixelLLM(nn.Module):
   def encode_prompts(self, features: jax.Array, *, boxes: jax.Array | None = None,
                      points: jax.Array | None = None, point_labels: jax.Array | None = None,
                      num_prompts: int | None = None, prompt_text: jax.Array | None = None,
-                     train: bool = False) -> jax.Array:
+                     train: bool = False, return_aux: bool = False):
     """Visual tokens for every location prompt.
 
     Args:
@@ -190,8 +190,9 @@ class PixelLLM(nn.Module):
       points: float[B, R, N, 2] xy in [0, 1]; point_labels: int32[B, R, N] (1 pos, 0 neg, -1 pad).
       num_prompts: R when neither boxes nor points are given (default 1).
       prompt_text: int32[B, R, C] (0 = padding); read only by a text-conditioned extractor.
+      return_aux: also return the extractor's aux (`PromptFeatureExtractor`), each [B, R, ...].
     Returns:
-      float[B, R, Q, D] visual tokens in the language model's width.
+      float[B, R, Q, D] visual tokens in the language model's width (and the aux dict).
     """
     b, h, w, c = features.shape
     if boxes is None and points is None:
@@ -215,9 +216,12 @@ class PixelLLM(nn.Module):
         raise ValueError("model.prompt_extractor.text_conditioned needs the prompt text.")
       ids = prompt_text.reshape(b * r, -1)
       text = dict(text=self.t5.embed(ids), text_mask=ids > 0)
-    tokens, _ = self.prompt_extractor(per_prompt, image_pe, sparse, dense, **text, train=train)
+    tokens, aux = self.prompt_extractor(per_prompt, image_pe, sparse, dense, **text, train=train)
     tokens = self.visual_projection(tokens)
-    return tokens.reshape(b, r, *tokens.shape[1:])
+    tokens = tokens.reshape(b, r, *tokens.shape[1:])
+    if return_aux:
+      return tokens, {k: v.reshape(b, r, *v.shape[1:]) for k, v in aux.items()}
+    return tokens
 
   @_attention_scoped
   def encode_prefix(self, visual_tokens: jax.Array, prompt_text: jax.Array | None, *,
@@ -279,6 +283,7 @@ class PixelLLM(nn.Module):
     Returns:
       ({"logits": [B, R, T, V], "points": [B, R, T, K, 2]},
        aux {"hidden": [B, R, T, D], "visual_tokens": [B, R, Q, D], "image_features": [B, h, w, C]},
+       plus, with the extractor's `place_logits`, "place_logits" float32[B, R, h, w],
        plus, with a mask decoder, "masks": [B, R, 4hs, 4ws] logits and "iou_predictions": [B, R]
        for the prompt boxes; with `caption_proposals` in training, the matched prompts
        "prompt_boxes" [B, N, 4], "prompt_gt_index" int32[B, N] (the GT region each caption target
@@ -311,15 +316,17 @@ class PixelLLM(nn.Module):
       prompt_text = gather_prompts(prompt_text, index) if prompt_text is not None else None
       matched.update(prompt_gt_index=index, prompt_valid=valid, prompt_boxes=prompt_boxes)
       r = index.shape[1]
-    visual = self.encode_prompts(feats, boxes=prompt_boxes, points=prompt_points,
-                                 point_labels=prompt_point_labels, num_prompts=r,
-                                 prompt_text=prompt_text, train=train)
+    visual, extractor_aux = self.encode_prompts(
+        feats, boxes=prompt_boxes, points=prompt_points, point_labels=prompt_point_labels,
+        num_prompts=r, prompt_text=prompt_text, train=train, return_aux=True)
     encoded, mask = self.encode_prefix(visual, prompt_text, train=train)
     logits, hidden, points = self.decode(encoded, mask, decoder_input_tokens.reshape(b * r, t),
                                          train=train)
     out = {"logits": logits.reshape(b, r, t, -1), "points": points.reshape(b, r, t, *points.shape[2:])}
     aux = {"hidden": hidden.reshape(b, r, t, -1), "visual_tokens": visual, "image_features": feats,
            **matched}
+    if "place_logits" in extractor_aux:
+      aux["place_logits"] = extractor_aux["place_logits"]
     if proposals is not None:
       aux["proposals"] = proposals
     if self.mask_decoder is not None:

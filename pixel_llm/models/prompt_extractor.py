@@ -63,6 +63,12 @@ class PromptFeatureExtractor(nn.Module):
   # pick theirs (the towers see colour at an object's place, yet the toy's colour words do not
   # steer its box; benchmarks/RESULTS.md). A deviation for the from-scratch toys.
   text_conditioned: bool = False
+  # Off in the release. On, a linear head on the transformer's image tokens gives one logit per
+  # place, aux["place_logits"]: "is this place inside what the prompt is about" (trained by
+  # `loss.place_weight`, `losses.place_bce`). With `text_conditioned`, the image tokens have read
+  # the words, so the head asks the extractor itself to bind words to places; a deviation for the
+  # from-scratch referring toy, whose box L1 alone does not teach colour words (RESULTS.md).
+  place_logits: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -78,8 +84,9 @@ class PromptFeatureExtractor(nn.Module):
     text float[B, C, Dt] with text_mask bool[B, C]: the prompt text's token embeddings (read only
     with `text_conditioned`, which needs them).
     Returns (tokens float32[B, Q', F], aux) with Q' = Q (+ H*W with `dense_output_tokens`),
-    aux["output_tokens"] float[B, Q, D] (transformer outputs before the heads) and
-    aux["image_tokens"] float[B, H, W, D].
+    aux["output_tokens"] float[B, Q, D] (transformer outputs before the heads),
+    aux["image_tokens"] float[B, H, W, D] and, with `place_logits`, aux["place_logits"]
+    float32[B, H, W].
     """
     del train  # no dropout in the release
     b, h, w, _ = image_features.shape
@@ -124,7 +131,11 @@ class PromptFeatureExtractor(nn.Module):
       dense_out = layers.dense(self.output_dim, ("embed", "mlp"), name="dense_output_mlp",
                                **kw)(placed)
       out = jnp.concatenate([out, dense_out.astype(out.dtype)], axis=1)
-    return out.astype(jnp.float32), {"output_tokens": hs, "image_tokens": keys.reshape(b, h, w, -1)}
+    aux = {"output_tokens": hs, "image_tokens": keys.reshape(b, h, w, -1)}
+    if self.place_logits:
+      place = layers.dense(1, ("embed", None), name="place_head", **kw)(keys)
+      aux["place_logits"] = place.reshape(b, h, w).astype(jnp.float32)
+    return out.astype(jnp.float32), aux
 
 
 def tokens_per_prompt(num_output_tokens: int, dense_output_tokens: bool, grid: tuple[int, int]
