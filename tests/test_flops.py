@@ -147,6 +147,25 @@ def test_extractor_deviations_are_counted_exactly(option):
     assert changed["t5_encoder"] == plain["t5_encoder"]
 
 
+def test_place_head_is_counted_where_the_loss_reads_it():
+  # One logit per image token of the 11x11 grid at the extractor's width 64; the place loss is
+  # the head's only reader, so without it XLA drops the head and the count leaves it out too.
+  def loss_dots(config):
+    return _dot_flops(_lowered_groups(config)["loss"][0])
+
+  plain = _toy()
+  on = _toy()
+  on.model.prompt_extractor.place_logits = True
+  on.loss.place_weight = 1.0
+  head = 2 * 121 * 64
+  assert loss_dots(on) - loss_dots(plain) == head
+  assert flops.forward_flops(on)["prompt_extractor"] == (
+      flops.forward_flops(plain)["prompt_extractor"] + head)
+  on.loss.place_weight = 0.0
+  assert loss_dots(on) == loss_dots(plain)
+  assert flops.forward_flops(on) == flops.forward_flops(plain)
+
+
 def test_hand_computed_sam_blocks_with_window_padding():
   # 160 px: a 10x10 grid; block 0 windowed (4x4 windows: the grid pads to 12x12 = 9 windows of
   # 16 tokens), block 1 global; tables stored for this grid, so nothing is resampled.

@@ -163,10 +163,10 @@ def _add(a: dict[str, float], b: dict[str, float], times: float = 1.0) -> None:
     a[k] += times * b[k]
 
 
-def _prompt_extractor(ext, grid: int, in_dim: int, text_len: int, text_dim: int
-                      ) -> tuple[dict[str, float], dict[str, float]]:
+def _prompt_extractor(ext, grid: int, in_dim: int, text_len: int, text_dim: int,
+                      place_head: bool) -> tuple[dict[str, float], dict[str, float]]:
   """Two-way transformer of Q learnt + S prompt tokens (+ C words when text-conditioned) against
-  the L = grid^2 image tokens."""
+  the L = grid^2 image tokens (+ the place head, where a loss reads it)."""
   per_prompt, once = _zero(), _zero()
   l, d, e, q = grid * grid, ext.width, ext.prompt_dim, ext.num_output_tokens
   words = text_len if ext.text_conditioned else 0
@@ -186,6 +186,8 @@ def _prompt_extractor(ext, grid: int, in_dim: int, text_len: int, text_dim: int
   per_prompt["weights"] += _mm(q, d, ext.output_dim)  # one head per output token
   if ext.dense_output_tokens:
     per_prompt["weights"] += _mm(l, d, ext.output_dim)  # dense_output_mlp on the image tokens
+  if place_head:
+    per_prompt["weights"] += _mm(l, d, 1)  # place_head: one logit per image token
   return per_prompt, once
 
 
@@ -263,8 +265,10 @@ def forward_breakdown(config) -> dict[str, dict[str, float]]:
     out["eva02"] = _eva02(eva, s)
   for name, (per_prompt, once) in (
       ("prompt_encoder", _prompt_encoder(net.prompt_encoder, grid)),
-      ("prompt_extractor", _prompt_extractor(net.prompt_extractor, grid, in_dim, c,
-                                             net.t5.config.d_model))):
+      ("prompt_extractor", _prompt_extractor(
+          net.prompt_extractor, grid, in_dim, c, net.t5.config.d_model,
+          # Only the place loss reads the head's logits; without it XLA prunes the head.
+          net.prompt_extractor.place_logits and config.loss.get("place_weight", 0.0) > 0))):
     _add(out[name], per_prompt, r)
     _add(out[name], once)
   ext = net.prompt_extractor
