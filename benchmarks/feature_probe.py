@@ -30,7 +30,7 @@ from pixel_llm.data import synthetic  # pylint: disable=g-import-not-at-top
 ATTRIBUTES = ("color", "shape", "size")
 
 
-def _scenes(seed: int, split: str, ids, size: int):
+def scenes(seed: int, split: str, ids, size: int):
   """(images float32[N, S, S, 3] in [0, 1], objects per image)."""
   from PIL import Image
   images, objects = [], []
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
   data = {}
   for split, n in (("train", args.train_images), ("val", args.val_images)):
     start = synthetic.TRAIN_START_ID if split == "train" else synthetic.VAL_START_ID
-    images, objects = _scenes(args.seed, split, range(start, start + n), size)
+    images, objects = scenes(args.seed, split, range(start, start + n), size)
     maps = _features(model, images)
     labels = {a: [getattr(o, a) for objs in objects for o in objs] for a in ATTRIBUTES}
     data[split] = ({k: _at_objects(v, objects) for k, v in maps.items()}, labels)

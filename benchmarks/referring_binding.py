@@ -62,20 +62,15 @@ def classify(row: dict, objects, boxes: np.ndarray) -> tuple[str, dict[str, floa
 OUTCOMES = ("referred object", "other, shares a word", "other, shares none", "no object")
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--predictions", required=True, help="W/eval/<name>.predictions.jsonl")
-  p.add_argument("--out", default="")
-  p.add_argument("--seed", type=int, default=0, help="the world's config.data.seed")
-  args = p.parse_args(argv)
-  rows = prediction_files.read(args.predictions, {"image_id", "expression", "box", "gt_box"},
-                               "the referring evaluator's")
+def binding_table(rows, seed: int) -> dict[str, dict[str, float]]:
+  """{group: {"n", each outcome's share, "chance: <outcome>"}} of rows with image_id, expression,
+  box (where the model pointed) and gt_box, groups "all" and each `referring_breakdown.kind`."""
   scenes, checked, tally = {}, [], {}
   for row in rows:
     image_id = int(row["image_id"])
     if image_id not in scenes:
       # The scene (and its boxes, fractions of the image side) does not depend on image_size.
-      objects = synthetic.make_example(args.seed, image_id, "val").objects
+      objects = synthetic.make_example(seed, image_id, "val").objects
       scenes[image_id] = objects, np.asarray([o.box for o in objects], np.float64)
     objects, boxes = scenes[image_id]
     checked.append(_iou(row["gt_box"], boxes).max())
@@ -92,17 +87,31 @@ def main(argv=None) -> int:
     raise SystemExit("GT boxes do not match the regenerated scenes (median IoU "
                      f"{np.median(checked):.3f}, min {np.min(checked):.3f}): pass the world's "
                      "--seed.")
-  table = {g: {k: (v if k == "n" else round(v / t["n"], 3)) for k, v in t.items()}
-           for g, t in tally.items()}
+  return {g: {k: (v if k == "n" else round(v / t["n"], 3)) for k, v in t.items()}
+          for g, t in tally.items()}
+
+
+def print_table(table: dict[str, dict[str, float]]) -> None:
   print(f"{'group':10s} {'n':>4s} " + " ".join(f"{o[:22]:>22s}" for o in OUTCOMES))
   for g, t in table.items():
     print(f"{g:10s} {t['n']:4d} " + " ".join(
         f"{t[o]:>10.3f} ({t.get('chance: ' + o, 0.0):.3f})".rjust(22) for o in OUTCOMES))
   print("(chance in brackets: a box on a uniformly drawn object of the image)")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--predictions", required=True, help="W/eval/<name>.predictions.jsonl")
+  p.add_argument("--out", default="")
+  p.add_argument("--seed", type=int, default=0, help="the world's config.data.seed")
+  args = p.parse_args(argv)
+  rows = prediction_files.read(args.predictions, {"image_id", "expression", "box", "gt_box"},
+                               "the referring evaluator's")
+  table = binding_table(rows, args.seed)
+  print_table(table)
   if args.out:
     prediction_files.write(args.out, args.predictions, "groups", table)
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -413,3 +413,41 @@ def test_feature_probe_reads_each_object_at_its_centre_cell(tmp_path):
   assert table["color"]["majority"] == round(max(map(colors.count, colors)) / len(colors), 3)
   assert set(table) == {"color", "shape", "size"}
   assert all(0.0 <= row[k] <= 1.0 for row in table.values() for k in ("towers", "extractor"))
+
+
+def test_place_binding_scores_objects_by_their_cells_and_tallies_the_top_one(tmp_path):
+  """benchmarks/place_binding.py: an object's score is the mean logit of the cells whose centres
+  lie in its box (its centre's cell for a box between centres); the script runs the extractor of
+  a checkpoint with a place head on each expression and tallies the top object of every row;
+  a checkpoint without the head is refused."""
+  import json
+  import pytest
+  from configs import refcoco
+  from pixel_llm.data import synthetic
+  from test_api_tasks import _workdir  # tests/test_api_tasks.py: a trainer-style workdir
+  place = _benchmark("place_binding")
+  logits = np.arange(16, dtype=np.float32).reshape(4, 4)
+  scores = place.object_scores(logits, np.array([[0.0, 0.0, 0.5, 0.5], [0.8, 0.3, 0.85, 0.35]]))
+  np.testing.assert_allclose(scores, [(0 + 1 + 4 + 5) / 4, logits[1, 3]])
+
+  rows = []
+  for image_id in (synthetic.VAL_START_ID, synthetic.VAL_START_ID + 1):
+    for o in synthetic.make_example(0, image_id, "val").objects[:2]:
+      rows.append({"image_id": str(image_id), "expression": f"the {o.color} {o.shape}",
+                   "gt_box": list(o.box), "box": list(o.box), "iou": 1.0})
+  predictions = tmp_path / "p.jsonl"
+  predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = shallow(refcoco.get_config("toy"))
+  config.model.prompt_extractor.update(text_conditioned=True, place_logits=True)
+  workdir = _workdir(tmp_path / "w", config, seed=0)
+  out = tmp_path / "place.json"
+  assert place.main([f"--checkpoint={workdir}", f"--predictions={predictions}",
+                     f"--out={out}"]) == 0
+  got = json.loads(out.read_text())["groups"]["all"]
+  assert got["n"] == len(rows) and got["no object"] == 0.0  # the top object is always an object
+  assert abs(sum(got[o] for o in ("referred object", "other, shares a word",
+                                  "other, shares none")) - 1.0) < 2e-3
+  config.model.prompt_extractor.place_logits = False
+  plain = _workdir(tmp_path / "plain", config, seed=0)
+  with pytest.raises(SystemExit, match="place head"):
+    place.main([f"--checkpoint={plain}", f"--predictions={predictions}"])
