@@ -87,6 +87,7 @@ def main(argv=None) -> int:
   pointed = []
   for row, place in zip(rows, maps):
     boxes = np.asarray([o.box for o in objects[index[int(row["image_id"])]]], np.float64)
+    row = {k: v for k, v in row.items() if k != "iou"}  # the predicted box's, not the map's
     pointed.append(dict(row, box=boxes[int(np.argmax(object_scores(place, boxes)))].tolist()))
   table = referring_binding.binding_table(pointed, args.seed)
   print("Where the place map points (its top object):")

@@ -60,11 +60,14 @@ def classify(row: dict, objects, boxes: np.ndarray) -> tuple[str, dict[str, floa
 
 
 OUTCOMES = ("referred object", "other, shares a word", "other, shares none", "no object")
+PRECISE = "IoU > 0.5 when on the referred object"
 
 
 def binding_table(rows, seed: int) -> dict[str, dict[str, float]]:
   """{group: {"n", each outcome's share, "chance: <outcome>"}} of rows with image_id, expression,
-  box (where the model pointed) and gt_box, groups "all" and each `referring_breakdown.kind`."""
+  box (where the model pointed) and gt_box, groups "all" and each `referring_breakdown.kind`;
+  where the rows carry the box's "iou", also "IoU > 0.5 when on the referred object": P@0.5 is
+  the share on the referred object times this (binding times precision)."""
   scenes, checked, tally = {}, [], {}
   for row in rows:
     image_id = int(row["image_id"])
@@ -80,6 +83,8 @@ def binding_table(rows, seed: int) -> dict[str, dict[str, float]]:
                                    **{"chance: " + o: 0.0 for o in OUTCOMES[:3]}})
       t["n"] += 1
       t[landed] += 1
+      if "iou" in row and landed == OUTCOMES[0]:
+        t[PRECISE] = t.get(PRECISE, 0.0) + float(float(row["iou"]) > 0.5)
       for o, c in chance.items():
         t["chance: " + o] += c
   # (GT boxes are of the visible part: an occluded object's is smaller than its drawn box.)
@@ -87,6 +92,9 @@ def binding_table(rows, seed: int) -> dict[str, dict[str, float]]:
     raise SystemExit("GT boxes do not match the regenerated scenes (median IoU "
                      f"{np.median(checked):.3f}, min {np.min(checked):.3f}): pass the world's "
                      "--seed.")
+  for t in tally.values():  # a share of the boxes on the referred object, not of all
+    if PRECISE in t:
+      t[PRECISE] *= t["n"] / max(t[OUTCOMES[0]], 1.0)
   return {g: {k: (v if k == "n" else round(v / t["n"], 3)) for k, v in t.items()}
           for g, t in tally.items()}
 
@@ -97,6 +105,8 @@ def print_table(table: dict[str, dict[str, float]]) -> None:
     print(f"{g:10s} {t['n']:4d} " + " ".join(
         f"{t[o]:>10.3f} ({t.get('chance: ' + o, 0.0):.3f})".rjust(22) for o in OUTCOMES))
   print("(chance in brackets: a box on a uniformly drawn object of the image)")
+  if all(PRECISE in t for t in table.values()):
+    print(f"{PRECISE}: " + ", ".join(f"{g} {t[PRECISE]:.3f}" for g, t in table.items()))
 
 
 def main(argv=None) -> int:

@@ -326,12 +326,14 @@ def test_referring_binding_assigns_boxes_to_objects_against_the_words(tmp_path):
   row = lambda b: {"image_id": str(image_id), "expression": f"the {target.color} shape",
                    "box": b, "gt_box": box(target), "iou": 0.0}
   rows = [row(box(target)), row(box(same)), row(box(other)), row([0.0, 0.0, 1e-3, 1e-3])]
+  rows[0]["iou"], rows[1]["iou"] = 0.9, 0.8  # the second is precise on the wrong object
   predictions = tmp_path / "p.jsonl"
   predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "b.json"
   assert binding.main([f"--predictions={predictions}", f"--out={out}"]) == 0
   got = json.loads(out.read_text())["groups"]["attribute"]
   assert got["n"] == 4 and all(got[o] == 0.25 for o in binding.OUTCOMES)
+  assert got[binding.PRECISE] == 1.0  # of the boxes on the referred object, not of all
   n = len(objects)
   shares = sum(o.color == target.color for o in objects) - 1
   assert got["chance: referred object"] == round(1 / n, 3)
