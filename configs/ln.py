@@ -61,7 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 # not the order: see `pixel_llm.data.synthetic.NARRATIONS`).
                 synthetic_narration="salient")
 
-  c.loss = dict(label_smoothing=0.1, caption_weight=1.0, point_weight=0.1, place_weight=0.0)
+  c.loss = dict(label_smoothing=0.1, caption_weight=1.0, point_weight=0.1, place_weight=0.0,
+                giou_weight=0.0)
 
   # Shapes of one example: prompts per image, prompt-text length, decoder length.
   c.input = dict(num_prompts=1, max_context_len=8, max_target_len=128 if not a.toy else 64)

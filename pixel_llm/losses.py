@@ -1,5 +1,5 @@
-"""PixelLLM losses: label-smoothed caption cross-entropy, per-token point L1 and the referred-place
-cross-entropy (a deviation, off by default).
+"""PixelLLM losses: label-smoothed caption cross-entropy, per-token point L1, and two deviations
+(off by default): the per-token box GIoU and the referred-place cross-entropy.
 
 Shapes: B batch, R prompts per image, T decoder length, V vocabulary, K points per token.
 """
@@ -43,6 +43,26 @@ def point_l1(pred: jax.Array, target: jax.Array, weights: jax.Array) -> tuple[ja
     (L1 averaged over the K*2 coordinates and over weighted tokens, number of weighted tokens)
   """
   per_token = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32)).mean(axis=(-2, -1))
+  weights = weights.astype(jnp.float32)
+  count = weights.sum()
+  return (per_token * weights).sum() / jnp.maximum(count, 1.0), count
+
+
+def box_giou(pred: jax.Array, target: jax.Array, weights: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+  """1 - GIoU of the boxes spanned by K = 2 predicted and target points (corners in either
+  order), averaged over weighted tokens.
+
+  Args:
+    pred, target: float[..., 2, 2] in [0, 1]; weights: float[...] (0 ignores the token).
+  Returns:
+    (mean 1 - GIoU over weighted tokens, in [0, 2]; 0 when none, number of weighted tokens)
+  """
+  from pixel_llm.detection import boxes as box_lib
+  if pred.shape[-2:] != (2, 2):
+    raise ValueError(f"box_giou needs 2 points per token (a box), got {pred.shape[-2:]}.")
+  span = lambda p: jnp.concatenate([p.min(-2), p.max(-2)], -1).astype(jnp.float32)  # noqa: E731
+  per_token = 1.0 - box_lib.giou(span(pred), span(target))
   weights = weights.astype(jnp.float32)
   count = weights.sum()
   return (per_token * weights).sum() / jnp.maximum(count, 1.0), count

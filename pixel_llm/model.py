@@ -62,6 +62,10 @@ class LossConfig:
   # located boxes of each prompt's targets: for referring, "which places hold the referred
   # object", a direct signal for binding the expression's words to places.
   place_weight: float = 0.0
+  # Not in the release (a deviation, 0 = off): giou_weight x (1 - GIoU) of the box spanned by
+  # each weighted token's 2 predicted points against its target's (`losses.box_giou`). The L1
+  # weighs a corner error the same on a small and a large box; P@0.5 does not.
+  giou_weight: float = 0.0
 
 
 class PixelLLMModel:
@@ -136,6 +140,10 @@ class PixelLLMModel:
       r_loss, r_metrics = roi_lib.roi_loss(r["logits"], r["pred_deltas"], r)
       loss = loss + cfg.detection_weight * r_loss
       metrics.update(loss=loss, roi_loss=r_loss, **r_metrics)
+    if cfg.giou_weight > 0:
+      g_loss, _ = losses.box_giou(out["points"], tb["point_targets"], tb["point_weights"])
+      loss = loss + cfg.giou_weight * g_loss
+      metrics.update(loss=loss, giou_loss=g_loss)
     if cfg.place_weight > 0:
       if "place_logits" not in aux:
         raise ValueError("loss.place_weight needs model.prompt_extractor.place_logits.")

@@ -1,6 +1,7 @@
 """Losses against hand-computed values."""
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pixel_llm import losses
 
@@ -67,3 +68,20 @@ def test_place_bce_targets_the_cells_inside_weighted_boxes():
   # No prompt with a weighted token: 0, not NaN.
   loss, m = losses.place_bce(jnp.zeros((1, 2, 4, 4)), jnp.asarray(targets), jnp.zeros((1, 2, 2)))
   assert float(loss) == 0.0 and float(m["place_prompts"]) == 0.0
+
+
+def test_box_giou_spans_the_two_points_and_is_masked():
+  # Token 0: the same box with its corners swapped -> 0. Token 1: [0, 0, .5, .5] vs
+  # [.5, .5, 1, 1] touch at a corner: IoU 0, hull 1, union .5 -> GIoU -.5 -> loss 1.5.
+  # Token 2 is unweighted (anything).
+  pred = jnp.asarray([[[0.6, 0.7], [0.1, 0.2]], [[0.0, 0.0], [0.5, 0.5]], [[0.0, 0.0], [1.0, 1.0]]])
+  target = jnp.asarray([[[0.1, 0.2], [0.6, 0.7]], [[0.5, 0.5], [1.0, 1.0]], [[0.2, 0.2], [0.3, 0.3]]])
+  loss, n = losses.box_giou(pred, target, jnp.asarray([1.0, 1.0, 0.0]))
+  np.testing.assert_allclose(float(loss), (0.0 + 1.5) / 2, rtol=1e-6)
+  assert float(n) == 2.0
+  loss, n = losses.box_giou(pred, target, jnp.zeros(3))
+  assert float(loss) == 0.0 and float(n) == 0.0
+  grad = jax.grad(lambda p: losses.box_giou(p, target, jnp.ones(3))[0])(pred)
+  assert np.all(np.isfinite(np.asarray(grad))) and float(jnp.abs(grad[1]).sum()) > 0
+  with np.testing.assert_raises_regex(ValueError, "2 points"):
+    losses.box_giou(jnp.zeros((1, 3, 2)), jnp.zeros((1, 3, 2)), jnp.ones(1))

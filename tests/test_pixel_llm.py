@@ -138,11 +138,12 @@ def test_loss_metrics_and_caption_mask():
 def test_place_loss_trains_the_place_head_through_the_extractor():
   """loss.place_weight with the extractor's place_logits: the term joins the loss and its
   gradient reaches the place head and the extractor's transformer; without the head it is a
-  clear error."""
+  clear error. (loss.giou_weight's term joins the same loss.)"""
   config, _, _, batch = _setup()
   config = config.copy_and_resolve_references()
   config.model.prompt_extractor.place_logits = True
   config.loss.place_weight = 0.5
+  config.loss.giou_weight = 2.0  # the box GIoU deviation rides along: one more compile saved
   model = build.build_model(config)
   import flax.linen as nn
   params = nn.meta.unbox(model.init_variables(jax.random.key(0), batch)["params"])
@@ -150,7 +151,9 @@ def test_place_loss_trains_the_place_head_through_the_extractor():
   (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   assert metrics["place_prompts"] == B * R  # every prompt has weighted (random) boxes
   np.testing.assert_allclose(loss, metrics["caption_loss"] + 0.1 * 64 * metrics["point_loss"]
-                             + 0.5 * metrics["place_loss"], rtol=1e-6)
+                             + 0.5 * metrics["place_loss"] + 2.0 * metrics["giou_loss"],
+                             rtol=1e-6)
+  assert 0.0 < metrics["giou_loss"] < 2.0
   extractor = grads["prompt_extractor"]
   assert float(jnp.abs(extractor["place_head"]["kernel"]).sum()) > 0
   assert float(jnp.abs(extractor["image_projection_mlp"]["kernel"]).sum()) > 0
