@@ -37,7 +37,7 @@ Trained on with fresh 4,500-step schedules (--config.init_checkpoint=<the previo
 run>/checkpoints/4500/state, ~25 min each alone), it reaches 0.333, 0.358, 0.363 (flattening);
 the third restart in a world of 8,000 train images instead (--config.data.num_train_images=8000
 --config.data.vocab=<the previous run>/spiece.model) reaches 0.390, and a fourth in 32,000
-images 0.395, mean IoU 0.370: the best so far (benchmarks/RESULTS.md, "More steps do help" and
+images 0.395, mean IoU 0.370: the best chain without deviations (benchmarks/RESULTS.md, "More steps do help" and
 after; attribute-only expressions do not improve along the chain). Two extractor deviations
 that let the words meet every place, --config.model.prompt_extractor.dense_output_tokens=True
 and --config.model.prompt_extractor.text_conditioned=True, reach 0.279 and 0.285 from the LN
