@@ -53,18 +53,11 @@ def _features(model, images: np.ndarray, batch: int = 32) -> dict[str, np.ndarra
   @jax.jit
   def run(x):
     feats = net.apply({"params": params}, x, method=net.encode_image)
-    b, h, w, _ = feats.shape
-    boxes = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 1.0, 1.0]), (b, 4)) * float(net.image_size)
-    size = (net.image_size, net.image_size)
-
-    def extract(module, feats):
-      sparse, dense = module.prompt_encoder(boxes=boxes, image_grid=(h, w), input_size=size)
-      _, aux = module.prompt_extractor(feats, module.prompt_encoder.get_dense_pe((h, w)),
-                                       sparse, dense)
-      return aux["image_tokens"]
     if net.prompt_extractor.text_conditioned:  # its image tokens depend on an expression
       return feats, None
-    return feats, net.apply({"params": params}, feats, method=extract)
+    _, aux = net.apply({"params": params}, feats, num_prompts=1, return_aux=True,
+                       method=net.encode_prompts)  # the whole-image box, as referring
+    return feats, aux["image_tokens"][:, 0]
 
   out = {"towers": [], "extractor": []}
   for i in range(0, len(images), batch):
