@@ -46,10 +46,14 @@ is a loss on the places: the `place` variant (text_conditioned, plus
 --config.model.prompt_extractor.place_logits=True and --config.loss.place_weight=10.0: a
 per-cell "inside the referred box" cross-entropy on the extractor's image tokens, a deviation)
 reaches box P@0.5 0.477, mean IoU 0.431 in the same 4,500 steps from the LN toy, attribute
-expressions on their object 0.754 against 0.48-0.50 without (benchmarks/RESULTS.md):
+expressions on their object 0.754 against 0.48-0.50 without (benchmarks/RESULTS.md), and
+0.674 / mean IoU 0.544 trained on with a fresh schedule (9,000 steps in all; ~25 min each alone):
   python -m pixel_llm.train --config=configs/refcoco.py:toy,place --config.total_steps=4500 \
     --config.init_checkpoint=workdirs/ln_toy_long/checkpoints/4500/state \
     --workdir=workdirs/refcoco_toy_place
+  python -m pixel_llm.train --config=configs/refcoco.py:toy,place --config.total_steps=4500 \
+    --config.init_checkpoint=workdirs/refcoco_toy_place/checkpoints/4500/state \
+    --workdir=workdirs/refcoco_toy_place2
 Variants: dataset=<refcoco|refcoco+|refcocog> (its eval splits: RefCOCO/+ val, testA, testB; RefCOCOg
 val, test), place (above), and as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
 """
