@@ -27,7 +27,6 @@ import prediction_files  # pylint: disable=g-import-not-at-top
 import referring_binding  # pylint: disable=g-import-not-at-top
 
 
-
 def object_scores(place: np.ndarray, boxes: np.ndarray) -> np.ndarray:
   """Mean logit of place float[h, w] over each box's cells (boxes float[N, 4] xyxy in [0, 1]) ->
   float[N]; a box holding no cell centre takes the cell of its centre."""

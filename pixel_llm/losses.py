@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pixel_llm.detection import boxes as box_lib
+
 
 def label_smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
                                  label_smoothing: float = 0.1) -> tuple[jax.Array, jax.Array]:
@@ -58,7 +60,6 @@ def box_giou(pred: jax.Array, target: jax.Array, weights: jax.Array
   Returns:
     (mean 1 - GIoU over weighted tokens, in [0, 2]; 0 when none, number of weighted tokens)
   """
-  from pixel_llm.detection import boxes as box_lib
   if pred.shape[-2:] != (2, 2):
     raise ValueError(f"box_giou needs 2 points per token (a box), got {pred.shape[-2:]}.")
   span = lambda p: jnp.concatenate([p.min(-2), p.max(-2)], -1).astype(jnp.float32)  # noqa: E731
