@@ -80,8 +80,8 @@ def main(argv=None) -> int:
   ids = sorted({int(r["image_id"]) for r in rows})
   images, objects = feature_probe.scenes(args.seed, "val", ids, int(model.image_size))
   index = {i: n for n, i in enumerate(ids)}
-  texts = np.stack([model._prompt_text(api_tasks.locate_prompt(model.config, r["expression"],  # pylint: disable=protected-access
-                                                               None)) for r in rows])
+  texts = np.stack([model.prompt_tokens(api_tasks.locate_prompt(model.config, r["expression"],
+                                                              None)) for r in rows])
   maps = place_maps(model, images[[index[int(r["image_id"])] for r in rows]], texts)
   pointed = []
   for row, place in zip(rows, maps):

@@ -17,8 +17,9 @@ def read(path: str, fields: set[str], what: str) -> list[dict]:
   return rows
 
 
-def write(out: str, predictions: str, key: str, table: dict) -> None:
-  """{"predictions": the file read, key: table, "command": this command line} into `out`."""
+def write(out: str, predictions: str, key: str, table: dict, **more) -> None:
+  """{"predictions": the file read, key: table, **more, "command": this command line} into
+  `out`."""
   with open(out, "w") as f:
-    json.dump({"predictions": predictions, key: table, "command": " ".join(sys.argv)}, f,
+    json.dump({"predictions": predictions, key: table, **more, "command": " ".join(sys.argv)}, f,
               indent=1)

@@ -11,7 +11,8 @@ assigned to the object it overlaps most (IoU; "none" below 0.1). Per kind of exp
 shares a colour / shape / size word of the expression, on another object sharing none, and on no
 object; beside each, the share a box on a uniformly drawn object of the image would get (chance).
 If the words steer the box, "another object sharing a word" beats its chance; if the model
-points by position priors only, it does not.
+points by position priors only, it does not. Rows of a segmentation evaluation (with mask pixel
+counts) also get their mask cIoU split by whether the box was right (IoU > 0.5).
 """
 import argparse
 import os
@@ -109,6 +110,23 @@ def print_table(table: dict[str, dict[str, float]]) -> None:
     print(f"{PRECISE}: " + ", ".join(f"{g} {t[PRECISE]:.3f}" for g, t in table.items()))
 
 
+def mask_split(rows) -> dict[str, dict[str, float]]:
+  """Mask cIoU (total intersection / total union) of the rows that carry mask pixel counts (a
+  segmentation evaluator's), over all of them and split by whether the box that prompted SAM
+  was right (IoU > 0.5): how much of the cIoU gap is the box's and how much the masks'."""
+  groups = {"all": lambda r: True, "box IoU > 0.5": lambda r: float(r["iou"]) > 0.5,
+            "box IoU <= 0.5": lambda r: float(r["iou"]) <= 0.5}
+  rows = [r for r in rows if "mask_union" in r]
+  out = {}
+  for name, keep in groups.items():
+    kept = [r for r in rows if keep(r)]
+    union = sum(r["mask_union"] for r in kept)
+    out[name] = {"n": len(kept), "share": round(len(kept) / max(len(rows), 1), 3),
+                 "ciou": round(sum(r["mask_intersection"] for r in kept) / union, 3)
+                 if union else 0.0}
+  return out if rows else {}
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--predictions", required=True, help="W/eval/<name>.predictions.jsonl")
@@ -119,8 +137,12 @@ def main(argv=None) -> int:
                                "the referring evaluator's")
   table = binding_table(rows, args.seed)
   print_table(table)
+  masks = mask_split(rows)
+  for name, m in masks.items():
+    print(f"mask cIoU, {name}: {m['ciou']:.3f} ({m['n']} expressions, {m['share']:.3f})")
   if args.out:
-    prediction_files.write(args.out, args.predictions, "groups", table)
+    prediction_files.write(args.out, args.predictions, "groups", table,
+                           **({"mask_ciou": masks} if masks else {}))
   return 0
 
 if __name__ == "__main__":

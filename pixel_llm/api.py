@@ -286,8 +286,9 @@ class PixelLLM:
     prompts = config.data.get("prompts") or ("Describe the image in detail.",)
     self.prompt = prompts[0]
 
-  def _prompt_text(self, prompt: str | None) -> np.ndarray:
-    """int32[C]: the training prompt (encoded, truncated, EOS, padded) as `data/tasks.py`."""
+  def prompt_tokens(self, prompt: str | None) -> np.ndarray:
+    """int32[C]: a prompt's `prompt_text` exactly as training built it (encoded, truncated, EOS,
+    padded; `data/tasks.py`); None means the config's first training prompt."""
     c = int(self.config.input.max_context_len)
     ids = self.vocab.encode(self.prompt if prompt is None else prompt)[:c - 1] + [1]
     return np.asarray(ids + [0] * (c - len(ids)), np.int32)
@@ -352,7 +353,7 @@ class PixelLLM:
     points = [None if p is None else _check_point(p, im)
               for p, im in zip(_per_image(point, len(imgs), "point"), imgs)]
     max_len = int(max_len or self.config.input.max_target_len)
-    text = self._prompt_text(prompt)
+    text = self.prompt_tokens(prompt)
     results = []
     for start in range(0, len(imgs), self.batch_size):
       chunk = slice(start, start + self.batch_size)
@@ -473,7 +474,7 @@ class PixelLLM:
     # Padding after the query cannot change its positions: the decoder is causal.
     tokens = np.zeros((1, 1, t), np.int32)
     tokens[0, 0, 1:len(ids) + 1] = ids
-    text = self._prompt_text(prompt)
+    text = self.prompt_tokens(prompt)
     batch = {"image": im.pixels[None].astype(np.float32) / 255.0, "image_mask": im.mask[None],
              "prompt_boxes": np.array([[[0.0, 0.0, 1.0, 1.0]]], np.float32),
              "prompt_text": text[None, None], "decoder_input_tokens": tokens}

@@ -111,7 +111,7 @@ def locate_with_mask(model, im, ids: list[int], prompt: str | None) -> dict[str,
   t = int(model.config.input.max_target_len)
   tokens = np.zeros((1, 1, t), np.int32)
   tokens[0, 0, 1:len(ids) + 1] = ids
-  batch = dict(_batch(im, model._prompt_text(prompt)), decoder_input_tokens=tokens,
+  batch = dict(_batch(im, model.prompt_tokens(prompt)), decoder_input_tokens=tokens,
                prompt_boxes=np.array([[[0.0, 0.0, 1.0, 1.0]]], np.float32))
   points, logits = _segment(model.network, model.params, batch)
   box = model._location(np.asarray(points)[0, 0, len(ids)], im)["box"]
@@ -130,7 +130,7 @@ def dense_caption(model, im, *, max_boxes: int, min_score: float, iou_threshold:
     raise ValueError(f"min_score must be a finite number, got {min_score!r}.")
   max_len = int(max_len or model.config.input.max_target_len)
   pred = _dense(model.network, model.params,
-                _batch(im, model._prompt_text(region_prompt(model.config, prompt))),
+                _batch(im, model.prompt_tokens(region_prompt(model.config, prompt))),
                 max_decode_len=max_len, num_boxes=int(max_boxes),
                 iou_threshold=float(iou_threshold))
   pred = {k: np.asarray(v)[0] for k, v in pred.items()}

@@ -3,6 +3,7 @@
   manager = checkpoints.manager(workdir, keep=2)
   checkpoints.save(manager, step, state, position)          # async; atomic on completion
   state, position = checkpoints.restore(manager, abstract_state)
+  params = checkpoints.restore_params(manager, abstract_params)  # evaluation: params only
 
 Each checkpoint directory WORKDIR/checkpoints/<step>/ holds two items: `state` (params, optimizer
 state, step and skip counters; every process writes its own shards) and `data` (JSON: how far the
@@ -70,3 +71,24 @@ def restore(mgr: ocp.CheckpointManager, abstract_state: Any,
         f"the items 'state' and 'data'; {type(e).__name__}: {e}). Start a new workdir, or load "
         "its parameters with --config.init_checkpoint.") from e
   return out["state"], dict(out["data"])
+
+
+def restore_params(mgr: ocp.CheckpointManager, abstract_params: Any,
+                   step: int | None = None) -> Any:
+  """Only the `params` of the state (laid out like `abstract_params`), leaving the optimizer state
+  on disk: evaluation needs no optimizer, so a checkpoint reads under any config whose network
+  matches (frozen parts, learning rates and optimizer may differ from the run that wrote it)."""
+  step = mgr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {mgr.directory}")
+  target = {"params": abstract_params}
+  try:
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    raise ValueError(
+        f"{mgr.directory}/{step}: its parameters do not match this config's network "
+        f"({type(e).__name__}: {e}). Pass the config (and the model overrides) it was trained "
+        "with.") from e
+  return out["state"]["params"]

@@ -11,7 +11,9 @@ plus TensorBoard scalars under OUT/tensorboard. The evaluators, the mesh and the
 are the trainer's (`trainer.build_training`, `evaluation.run_all`), so the numbers equal those the
 trainer logged at the same step (tests/test_train.py checks it).
 
-Restoring reads the whole train state (the optimizer moments of the trainable parameters too).
+Only the parameters are read (the optimizer state stays on disk), so the config must give the
+same network as the run that wrote the checkpoint, but its freezing, learning rates and optimizer
+may differ (a frozen stage's checkpoint evaluates under the plain stage config).
 """
 import json
 import os
@@ -68,11 +70,11 @@ def evaluate(config, checkpoint: str, *, step: int | None = None, output_dir: st
   training = trainer.build_training(config, mesh, jax.random.key(config.seed))
   evaluators = evaluation.build_evaluators(training.model, data, config, only)
   mgr = checkpoints.manager(workdir, asynchronous=False)
-  state, _ = checkpoints.restore(mgr, training.abstract_state, step)
+  params = checkpoints.restore_params(mgr, training.abstract_state["params"], step)
   if lead:
     print(f"Evaluating {workdir} at step {step}: {', '.join(evaluators)}", flush=True)
   t0 = time.time()
-  results = evaluation.run_all(evaluators, state["params"], step,
+  results = evaluation.run_all(evaluators, params, step,
                                out_dir=out_dir if lead else None)
   writer = metric_writers.create_default_writer(os.path.join(out_dir, "tensorboard"),
                                                 just_logging=not lead, asynchronous=False)

@@ -23,7 +23,8 @@ caption_trace metrics (the paper's LN captioning + trace evaluation, on the held
 referring metrics (RefCOCO/+/g box protocol): precision_at_0.5 (P@1, IoU > 0.5), mean_iou; with a
 mask decoder segmenting the predicted box (referring segmentation) also mask_ciou (total
 intersection / total union) and mask_miou (mean per-expression IoU), masks compared on the padded
-input's valid pixels.
+input's valid pixels; each prediction row then carries its mask_intersection / mask_union pixel
+counts.
 
 densecap metrics (Visual Genome, GRiT's test split): map (DenseCap mAP, needs Java for METEOR),
 detection_map (METEOR ignored).
@@ -192,12 +193,15 @@ class ReferringEvaluator:
         raise ValueError(f"Referring boxes need a 2-point location head, not K={points.shape[1]}.")
       boxes = np.concatenate([points.min(1), points.max(1)], -1)  # [B, 4] x0 y0 x1 y1
       gt = np.asarray(batch["gt_boxes"])[:, 0]
+      pixels = {}  # example -> (|P & G|, |P | G|) of its mask, for the rows
       if self.segment:
         masks = np.asarray(jax.device_get(self._segment(params, model_batch))["masks"])[:, 0]
         valid = np.asarray(batch["image_mask"], bool)
         for i in np.flatnonzero(np.asarray(batch["mask_weights"])[:, 0] > 0):
           pred_masks.append(masks[i] & valid[i])
           gt_masks.append(np.asarray(batch["masks"])[i, 0] > 0)
+          pixels[i] = (int(np.sum(pred_masks[-1] & gt_masks[-1])),
+                       int(np.sum(pred_masks[-1] | gt_masks[-1])))
       for i in range(len(boxes)):
         predicted.append(boxes[i])
         truth.append(gt[i])
@@ -205,6 +209,8 @@ class ReferringEvaluator:
                      "expression": _text(np.ravel(batch["caption"][i])[0]),
                      "box": np.round(boxes[i].astype(np.float64), 5).tolist(),
                      "gt_box": np.round(gt[i].astype(np.float64), 5).tolist()})
+        if i in pixels:  # lets cIoU be split by whether the box was right (referring_binding)
+          rows[-1]["mask_intersection"], rows[-1]["mask_union"] = pixels[i]
         if "tokens" in located:
           words, _ = visualize.words_from_tokens(self.data.vocab, located["tokens"][i, 0])
           rows[-1]["generated"] = " ".join(words)

@@ -133,7 +133,7 @@ def test_square_image_mask_equals_the_adapters_segment_batch(seg):
   batch = {"image": pixels[None].astype(np.float32) / 255.0,
            "image_mask": np.ones((1, 64, 64), bool),
            "prompt_boxes": np.array([[[0.0, 0.0, 1.0, 1.0]]], np.float32),
-           "prompt_text": seg._prompt_text(query)[None, None], "decoder_input_tokens": tokens}
+           "prompt_text": seg.prompt_tokens(query)[None, None], "decoder_input_tokens": tokens}
   want = jax.jit(PixelLLMModel(seg.network).segment_batch)(seg.params, batch)
   np.testing.assert_array_equal(result["mask"], np.asarray(want["masks"])[0, 0])
   np.testing.assert_allclose(result["box"], np.asarray(want["boxes"])[0, 0] * 64, atol=1e-3)

@@ -146,6 +146,14 @@ def test_refcoco_seg_toy_trains_and_evaluates(tmp_path):
   # Every synthetic ref has a mask; cIoU and mean IoU are fractions of the valid pixels.
   assert got["num_masks"] == got["num_expressions"]
   assert 0.0 <= got["mask_ciou"] <= 1.0 and 0.0 <= got["mask_miou"] <= 1.0
+  # Each row's mask pixel counts add up to the evaluator's cIoU and mean IoU.
+  inter = np.array([r["mask_intersection"] for r in rows], np.float64)
+  union = np.array([r["mask_union"] for r in rows], np.float64)
+  assert np.all(inter <= union) and union.sum() > 0
+  np.testing.assert_allclose(got["mask_ciou"], inter.sum() / union.sum(), rtol=1e-6)
+  np.testing.assert_allclose(got["mask_miou"],
+                             np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)),
+                             rtol=1e-6)
 
 
 def test_eos_box_prompts_sam_and_a_closed_gate_is_plain_sam():
@@ -339,6 +347,22 @@ def test_referring_binding_assigns_boxes_to_objects_against_the_words(tmp_path):
   assert got["chance: referred object"] == round(1 / n, 3)
   assert got["chance: other, shares a word"] == round(shares / n, 3)
   assert got["chance: other, shares none"] == round((n - 1 - shares) / n, 3)
+
+def test_referring_binding_splits_mask_ciou_by_box_correctness():
+  """benchmarks/referring_binding.py's mask_split: cIoU over the rows with mask pixel counts, all
+  and split at box IoU 0.5 (a row at exactly 0.5 is wrong, as P@0.5 is strict)."""
+  binding = _benchmark("referring_binding")
+  rows = [{"iou": 0.9, "mask_intersection": 80, "mask_union": 100},
+          {"iou": 0.6, "mask_intersection": 10, "mask_union": 100},
+          {"iou": 0.5, "mask_intersection": 0, "mask_union": 50},
+          {"iou": 0.1, "mask_intersection": 5, "mask_union": 50},
+          {"iou": 0.95}]  # no mask: left out
+  got = binding.mask_split(rows)
+  assert got["all"] == {"n": 4, "share": 1.0, "ciou": round(95 / 300, 3)}
+  assert got["box IoU > 0.5"] == {"n": 2, "share": 0.5, "ciou": 0.45}
+  assert got["box IoU <= 0.5"] == {"n": 2, "share": 0.5, "ciou": 0.05}
+  assert binding.mask_split([{"iou": 0.9}]) == {}
+
 
 def test_grounding_probe_scores_named_and_first_shapes():
   """benchmarks/grounding_probe.py: the nearest box by centre, and the per-rank shares of

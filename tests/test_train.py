@@ -72,6 +72,12 @@ def test_train_evaluate_and_resume(tmp_path, capsys):
     assert json.load(f) == {"step": 12, **logged}
   assert [json.loads(l) for l in open(out / "ln_val.predictions.jsonl")] == rows
   assert os.listdir(out / "tensorboard")
+  # Only the parameters are read: a config that freezes other parts (so its optimizer state has
+  # another structure) evaluates the same checkpoint to the same numbers.
+  frozen = config.copy_and_resolve_references()
+  frozen.frozen_params = (r"^(?!location_head/)",)
+  assert eval_lib.evaluate(frozen, workdir, output_dir=str(tmp_path / "eval_frozen")) == {
+      "ln_val": logged}
 
   # A picture a person can judge: written and not blank.
   pngs = sorted(os.listdir(os.path.join(workdir, "visualizations")))
