@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.mask_adapter.enabled = True
   c.model.segment_box = "eos"
   c.loss.mask_weight = 1.0
+  # "target": train SAM's mask decoder on the jittered GT box instead of the predicted one (a
+  # deviation for untrained mask decoders; pixel_llm/model.py LossConfig).
+  c.loss.update(mask_train_box="predicted", mask_box_noise=0.1)
   if not toy:
     # Only the location head and the mask adapter train (the release's refseg freezing).
     c.frozen_params = (r"^(?!mask_adapter/|location_head/)",)

@@ -66,6 +66,32 @@ class LossConfig:
   # each weighted token's 2 predicted points against its target's (`losses.box_giou`). The L1
   # weighs a corner error the same on a small and a large box; P@0.5 does not.
   giou_weight: float = 0.0
+  # Which box prompts SAM's mask decoder in training (referring segmentation, segment_box="eos"):
+  # "predicted" (the release: the box at EOS, no gradient) or "target" (not in the release, a
+  # deviation: the referred GT box, each coordinate moved by Gaussian noise of
+  # mask_box_noise x the box side, at most 20 px of the input, SAM's own box-prompt training;
+  # for a mask decoder that starts untrained, as the toys' SAM-tiny does). Evaluation always
+  # segments the predicted box.
+  mask_train_box: str = "predicted"
+  mask_box_noise: float = 0.1
+
+
+def _jittered_target_box(batch: dict[str, Any], noise: float, image_size: float,
+                         rng: jax.Array | None) -> jax.Array:
+  """The referring GT box (the 2 target points of each prompt's weighted token, the one at EOS),
+  corners ordered, each coordinate moved by N(0, noise x box side) clipped to 20 px (no noise
+  without rng) and clipped to the image: float32[B, R, 4] xyxy in [0, 1]."""
+  w = batch["point_weights"]  # [B, R, T]
+  at = jnp.argmax(w, axis=-1)[..., None, None, None]  # [B, R, 1, 1, 1]
+  corners = jnp.take_along_axis(batch["point_targets"], at, axis=2)[:, :, 0].astype(jnp.float32)
+  box = jnp.concatenate([corners.min(-2), corners.max(-2)], -1)  # [B, R, 4]
+  if rng is not None:
+    side = jnp.concatenate([box[..., 2:] - box[..., :2]] * 2, -1)
+    step = jax.random.normal(rng, box.shape) * noise * side
+    box = box + jnp.clip(step, -20.0 / image_size, 20.0 / image_size)
+    box = jnp.concatenate([jnp.minimum(box[..., :2], box[..., 2:]),
+                           jnp.maximum(box[..., :2], box[..., 2:])], -1)
+  return jnp.clip(box, 0.0, 1.0)
 
 
 class PixelLLMModel:
@@ -74,6 +100,12 @@ class PixelLLMModel:
   def __init__(self, network: PixelLLM, loss: LossConfig = LossConfig()):
     self.network = network
     self.loss_config = loss
+    if loss.mask_train_box not in ("predicted", "target"):
+      raise ValueError("loss.mask_train_box must be 'predicted' or 'target', not "
+                       f"{loss.mask_train_box!r}.")
+    if loss.mask_train_box == "target" and network.segment_box != "eos":
+      raise ValueError("loss.mask_train_box='target' replaces the predicted referring box: it "
+                       "needs a mask decoder with model.segment_box='eos' (configs/refcoco_seg.py).")
 
   # -- helpers ---------------------------------------------------------------------------------
   @staticmethod
@@ -85,6 +117,11 @@ class PixelLLMModel:
     # key streams, and so the README's measured toy results, unchanged.)
     rngs = {"dropout": jax.random.split(rng)[0]} if train and rng is not None else {}
     kwargs = self._prompt_kwargs(batch)
+    if train and self.loss_config.mask_train_box == "target" and batch.get("masks") is not None:
+      # (fold_in: a stream of its own, so the dropout keys do not change.)
+      kwargs["mask_boxes"] = _jittered_target_box(
+          batch, self.loss_config.mask_box_noise, float(self.network.image_size),
+          jax.random.fold_in(rng, 1) if rng is not None else None)
     # Which prompt boxes are GT regions, for the training-time proposal matching and RoI
     # sampling (the tasks pad prompts with whole-image boxes of caption weight 0).
     if (train and batch.get("caption_weights") is not None

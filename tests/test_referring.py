@@ -9,6 +9,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import refcoco_seg
 from pixel_llm import metrics
@@ -101,6 +102,58 @@ def test_generated_expression_read_out_positions():
   # EOS first, read at index 0; row 3: a 0 emitted at index 1 ends the expression there.
   np.testing.assert_array_equal(np.asarray(got["points"])[:, 0, 0, 0], [1.0, 3.0, 0.0, 0.0])
   np.testing.assert_array_equal(np.asarray(got["eos_found"])[:, 0], [True, False, True, False])
+
+
+def test_target_box_prompts_the_mask_decoder_in_training():
+  """loss.mask_train_box="target": in training SAM is prompted with the referred GT box (the 2
+  target points at the weighted token, corners ordered), moved by at most 20 px with noise;
+  evaluation keeps the predicted box; a network without the EOS box refuses the option."""
+  import jax
+  from pixel_llm import model as model_lib
+
+  targets = np.zeros((2, 1, 4, 2, 2), np.float32)
+  weights = np.zeros((2, 1, 4), np.float32)
+  targets[0, 0, 2] = [[0.55, 0.6], [0.45, 0.5]]  # corners given in the wrong order
+  weights[0, 0, 2] = 1.0
+  targets[1, 0, 0] = [[0.1, 0.1], [0.9, 0.5]]
+  weights[1, 0, 0] = 1.0
+  batch = {"point_targets": targets, "point_weights": weights}
+  exact = np.asarray(model_lib._jittered_target_box(batch, 0.1, 64.0, None))
+  np.testing.assert_allclose(exact[:, 0], [[0.45, 0.5, 0.55, 0.6], [0.1, 0.1, 0.9, 0.5]],
+                             atol=1e-7)
+  moved = np.stack([np.asarray(model_lib._jittered_target_box(batch, 0.1, 64.0,
+                                                             jax.random.key(k)))
+                    for k in range(20)])
+  assert np.all(np.abs(moved - exact) <= 20 / 64 + 1e-6) and np.abs(moved - exact).max() > 0
+  assert np.all(moved[..., 2:] >= moved[..., :2]) and np.all((moved >= 0) & (moved <= 1))
+  # Noise scales with the box side: the small box moves less than the large one.
+  small, large = (np.abs(moved - exact)[:, i, 0].mean() for i in (0, 1))
+  assert small < large
+
+  from pixel_llm.models import build
+  c = refcoco_seg.get_config("toy")
+  c.model.image_size = 64
+  network = build.build_network(c.model)
+  with pytest.raises(ValueError, match="segment_box='eos'"):
+    PixelLLMModel(network.clone(segment_box="prompt"),
+                  model_lib.LossConfig(mask_train_box="target"))
+  with pytest.raises(ValueError, match="mask_train_box"):
+    PixelLLMModel(network, model_lib.LossConfig(mask_train_box="gt"))
+  tokens = np.array([[[0, 5, 6, 0]], [[0, 9, 0, 0]]], np.int32)
+  full = {"image": np.random.default_rng(0).random((2, 64, 64, 3), np.float32),
+          "decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, -1),
+          "prompt_text": np.array([[[5, 6, 0, 0]], [[9, 0, 0, 0]]], np.int32),
+          "prompt_boxes": np.tile(np.float32([0, 0, 1, 1]), (2, 1, 1)), **batch,
+          "masks": np.ones((2, 1, 64, 64), np.uint8), "mask_weights": np.ones((2, 1), np.float32)}
+  model = PixelLLMModel(network, model_lib.LossConfig(mask_train_box="target", mask_weight=1.0,
+                                                      mask_box_noise=0.0))
+  params = jax.jit(model.init_variables)(jax.random.key(0), full)["params"]
+  apply = jax.jit(lambda p, b, train: model._apply(p, b, train=train, rng=jax.random.key(1)),
+                  static_argnums=2)
+  _, trained = apply(params, full, True)
+  np.testing.assert_allclose(np.asarray(trained["mask_boxes"])[:, 0], exact[:, 0], atol=1e-6)
+  _, evaluated = apply(params, full, False)  # evaluation: the box predicted at EOS
+  assert np.abs(np.asarray(evaluated["mask_boxes"]) - exact[:, None]).max() > 1e-3
 
 
 def test_refcoco_seg_toy_trains_and_evaluates(tmp_path):

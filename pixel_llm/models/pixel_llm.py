@@ -270,7 +270,7 @@ class PixelLLM(nn.Module):
                prompt_boxes: jax.Array | None = None, prompt_points: jax.Array | None = None,
                prompt_point_labels: jax.Array | None = None, prompt_text: jax.Array | None = None,
                image_mask: jax.Array | None = None, region_valid: jax.Array | None = None,
-               train: bool = False) -> tuple[dict, dict]:
+               mask_boxes: jax.Array | None = None, train: bool = False) -> tuple[dict, dict]:
     """Full teacher-forced forward pass.
 
     Args:
@@ -280,6 +280,8 @@ class PixelLLM(nn.Module):
         `encode_prefix`; R is taken from `decoder_input_tokens`.
       region_valid: optional bool[B, R], which prompt boxes are real GT regions (False: padding)
         for the training-time proposal matching and RoI sampling; zero-area boxes never are.
+      mask_boxes: optional float[B, R, 4] xyxy in [0, 1]: the boxes that prompt the mask decoder
+        instead of those `segment_box` names (the adapter's `mask_train_box="target"`).
     Returns:
       ({"logits": [B, R, T, V], "points": [B, R, T, K, 2]},
        aux {"hidden": [B, R, T, D], "visual_tokens": [B, R, Q, D], "image_features": [B, h, w, C]},
@@ -332,8 +334,13 @@ class PixelLLM(nn.Module):
     if self.mask_decoder is not None:
       if sam is None:
         raise ValueError("The mask decoder needs the SAM image encoder.")
+      if mask_boxes is not None and self.segment_box != "eos":
+        raise ValueError("mask_boxes replaces the predicted referring box: it needs "
+                         "segment_box='eos'.")
       if self.segment_box == "eos":
         boxes, text_mask = _eos_box(out["points"], decoder_input_tokens)
+        if mask_boxes is not None:
+          boxes = mask_boxes.astype(jnp.float32)
       elif prompt_boxes is None:
         boxes = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32), (b, r, 4))
         text_mask = decoder_input_tokens > 0
