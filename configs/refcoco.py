@@ -54,6 +54,9 @@ expressions on their object 0.754 against 0.48-0.50 without (benchmarks/RESULTS.
   python -m pixel_llm.train --config=configs/refcoco.py:toy,place --config.total_steps=4500 \
     --config.init_checkpoint=workdirs/refcoco_toy_place/checkpoints/4500/state \
     --workdir=workdirs/refcoco_toy_place2
+A third such schedule reaches 0.767, and 0.788 (mean IoU 0.613) with a GIoU term on the box
+(--config.loss.giou_weight=2.0, a deviation: IoU > 0.5 on 0.915 of the boxes on the right
+object, against 0.884 without); ~25 min alone per schedule.
 Variants: dataset=<refcoco|refcoco+|refcocog> (its eval splits: RefCOCO/+ val, testA, testB; RefCOCOg
 val, test), place (above), and as configs/ln.py: toy, t5=..., sam=..., eva02=..., extractor=...
 """
