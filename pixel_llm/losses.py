@@ -62,8 +62,7 @@ def box_giou(pred: jax.Array, target: jax.Array, weights: jax.Array
   """
   if pred.shape[-2:] != (2, 2):
     raise ValueError(f"box_giou needs 2 points per token (a box), got {pred.shape[-2:]}.")
-  span = lambda p: jnp.concatenate([p.min(-2), p.max(-2)], -1).astype(jnp.float32)  # noqa: E731
-  per_token = 1.0 - box_lib.giou(span(pred), span(target))
+  per_token = 1.0 - box_lib.giou(box_lib.from_corners(pred), box_lib.from_corners(target))
   weights = weights.astype(jnp.float32)
   count = weights.sum()
   return (per_token * weights).sum() / jnp.maximum(count, 1.0), count

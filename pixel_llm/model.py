@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from pixel_llm import decode
 from pixel_llm import losses
 from pixel_llm import mask_losses
+from pixel_llm.detection import boxes as box_lib
 from pixel_llm.models.pixel_llm import PixelLLM
 
 BOS_ID = 0
@@ -83,8 +84,7 @@ def _jittered_target_box(batch: dict[str, Any], noise: float, image_size: float,
   without rng) and clipped to the image: float32[B, R, 4] xyxy in [0, 1]."""
   w = batch["point_weights"]  # [B, R, T]
   at = jnp.argmax(w, axis=-1)[..., None, None, None]  # [B, R, 1, 1, 1]
-  corners = jnp.take_along_axis(batch["point_targets"], at, axis=2)[:, :, 0].astype(jnp.float32)
-  box = jnp.concatenate([corners.min(-2), corners.max(-2)], -1)  # [B, R, 4]
+  box = box_lib.from_corners(jnp.take_along_axis(batch["point_targets"], at, axis=2)[:, :, 0])
   if rng is not None:
     side = jnp.concatenate([box[..., 2:] - box[..., :2]] * 2, -1)
     step = jax.random.normal(rng, box.shape) * noise * side

@@ -99,6 +99,13 @@ def giou_np(a: Array, b: Array) -> np.ndarray:
 
 
 @jax.jit
+def from_corners(points: Array) -> jnp.ndarray:
+  """Two (x, y) corners in either order, float[..., 2, 2] -> the box float32[..., 4] xyxy they
+  span (the location head's K = 2 points of a referring box, or their targets)."""
+  points = jnp.asarray(points, jnp.float32)
+  return jnp.concatenate([points.min(-2), points.max(-2)], -1)
+
+
 def encode_ltrb(points: Array, boxes: Array) -> jnp.ndarray:
   """Distances from points to box sides: points float[..., 2] (x, y), boxes float[..., 4] ->
   ltrb float[..., 4] = (px - x0, py - y0, x1 - px, y1 - py); negative where p is outside."""

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pixel_llm.detection import boxes as box_lib
 from pixel_llm.models import layers
 
 # Per-tower input normalisation for images in [0, 1].
@@ -446,7 +447,6 @@ def _eos_box(points: jax.Array, decoder_input_tokens: jax.Array) -> tuple[jax.Ar
   """
   n = (decoder_input_tokens[..., 1:] > 0).sum(-1)  # [B, R] expression tokens
   at = n[..., None, None, None]
-  corners = jnp.take_along_axis(points, at, axis=2)[:, :, 0].astype(jnp.float32)  # [B, R, 2, 2]
-  box = jnp.concatenate([corners.min(-2), corners.max(-2)], -1)
+  box = box_lib.from_corners(jnp.take_along_axis(points, at, axis=2)[:, :, 0])  # [B, R, 4]
   positions = jnp.arange(decoder_input_tokens.shape[-1])
   return jax.lax.stop_gradient(jnp.clip(box, 0.0, 1.0)), positions <= n[..., None]
