@@ -53,23 +53,29 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, position: dict) -> N
                                          data=ocp.args.JsonSave(position)))
 
 
-def restore(mgr: ocp.CheckpointManager, abstract_state: Any,
-            step: int | None = None) -> tuple[Any, dict]:
-  """(state laid out like `abstract_state` (ShapeDtypeStructs with shardings), data position)."""
+def _restore(mgr: ocp.CheckpointManager, step: int | None, args: ocp.args.Composite,
+             mismatch: str) -> Any:
+  """Restores `args` at `step` (default: the latest); a tree that does not fit raises ValueError
+  naming the checkpoint, the cause and `mismatch` (what to do about it)."""
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {mgr.directory}")
   try:
-    out = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
-                abstract_state)),
-        data=ocp.args.JsonRestore()))
+    return mgr.restore(step, args=args)
   except (KeyError, ValueError, FileNotFoundError) as e:
-    raise ValueError(
-        f"{mgr.directory}/{step} is not a pixel_llm training checkpoint of this version (it needs "
-        f"the items 'state' and 'data'; {type(e).__name__}: {e}). Start a new workdir, or load "
-        "its parameters with --config.init_checkpoint.") from e
+    raise ValueError(f"{mgr.directory}/{step}: {mismatch} ({type(e).__name__}: {e})") from e
+
+
+def restore(mgr: ocp.CheckpointManager, abstract_state: Any,
+            step: int | None = None) -> tuple[Any, dict]:
+  """(state laid out like `abstract_state` (ShapeDtypeStructs with shardings), data position)."""
+  out = _restore(mgr, step, ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          abstract_state,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+      data=ocp.args.JsonRestore()),
+      "not a pixel_llm training checkpoint of this version (it needs the items 'state' and "
+      "'data'). Start a new workdir, or load its parameters with --config.init_checkpoint.")
   return out["state"], dict(out["data"])
 
 
@@ -78,17 +84,10 @@ def restore_params(mgr: ocp.CheckpointManager, abstract_params: Any,
   """Only the `params` of the state (laid out like `abstract_params`), leaving the optimizer state
   on disk: evaluation needs no optimizer, so a checkpoint reads under any config whose network
   matches (frozen parts, learning rates and optimizer may differ from the run that wrote it)."""
-  step = mgr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {mgr.directory}")
   target = {"params": abstract_params}
-  try:
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-  except (KeyError, ValueError, FileNotFoundError) as e:
-    raise ValueError(
-        f"{mgr.directory}/{step}: its parameters do not match this config's network "
-        f"({type(e).__name__}: {e}). Pass the config (and the model overrides) it was trained "
-        "with.") from e
+  out = _restore(mgr, step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)),
+      "its parameters do not match this config's network. Pass the config (and the model "
+      "overrides) it was trained with.")
   return out["state"]["params"]

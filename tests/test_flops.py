@@ -246,6 +246,9 @@ def test_densecap_counts_the_decoded_text_proposals_not_the_regions():
   from configs import vg_densecap
   config = vg_densecap.get_config()
   assert config.input.num_prompts == 100  # regions per example (the heads' GT)
-  assert flops._shapes(config)["R"] == 32  # decoded per example
+  shapes = lambda: flops._shapes(config, build.build_network(config.model))
+  assert shapes()["R"] == 32  # decoded per example
   config.model.roi_head.text_proposals = 0
-  assert flops._shapes(config)["R"] == 100
+  assert shapes()["R"] == 100
+  config.model.roi_head.text_proposals, config.model.caption_proposals = 32, 0
+  assert shapes()["R"] == 100  # GT boxes as prompts: the RoI head's proposals are not decoded

@@ -98,6 +98,14 @@ class PixelLLM(nn.Module):
   # Attention kernel of every tower: "xla" | "dot_product" | "cudnn" (see layers.ATTENTION_IMPLS).
   attention_impl: str = "xla"
 
+  def decoded_prompts(self, num_regions: int) -> int:
+    """N, the prompts a training forward pass decodes per image for R = `num_regions` regions:
+    the RoI head's `text_proposals` where those replace the regions (dense captioning with a RoI
+    head), else R."""
+    if self.roi_head is not None and self.caption_proposals and self.roi_head.text_proposals:
+      return self.roi_head.text_proposals
+    return num_regions
+
   @_attention_scoped
   def encode_image(self, image: jax.Array, image_mask: jax.Array | None = None, *,
                    train: bool = False, return_sam: bool = False):
@@ -308,7 +316,7 @@ class PixelLLM(nn.Module):
     if train and self.caption_proposals and proposals is not None and prompt_boxes is not None:
       if "roi" in matched:  # the release's text proposals: the first N RoI samples (fg first)
         prompt_boxes, index, valid = _roi_text_proposals(matched["roi"],
-                                                         self.roi_head.text_proposals or r)
+                                                         self.decoded_prompts(r))
       else:
         rng = self.make_rng("dropout") if self.has_rng("dropout") else None
         prompt_boxes, index, valid = _caption_prompts(proposals, feats, prompt_boxes,

@@ -234,17 +234,13 @@ def _location_head(head, d: int, t: int) -> dict[str, float]:
   return f
 
 
-def _shapes(config) -> dict[str, int]:
+def _shapes(config, net) -> dict[str, int]:
   """R, C, T of one example, read from `build.example_batch` (the trainer's batch shapes); R is
-  the prompts that are decoded: the RoI head's `text_proposals` where they replace the regions."""
+  the prompts that are decoded (`PixelLLM.decoded_prompts`)."""
   from pixel_llm.models import build
   batch = build.example_batch(config, 1, abstract=True)
   _, r, c = batch["prompt_text"].shape
-  m = config.model
-  roi = m.get("roi_head") or {}
-  if roi.get("enabled", False) and m.get("caption_proposals", 0) and roi.get("text_proposals", 0):
-    r = int(roi["text_proposals"])
-  return {"R": r, "C": c, "T": batch["decoder_input_tokens"].shape[-1]}
+  return {"R": net.decoded_prompts(r), "C": c, "T": batch["decoder_input_tokens"].shape[-1]}
 
 
 def forward_breakdown(config) -> dict[str, dict[str, float]]:
@@ -253,7 +249,7 @@ def forward_breakdown(config) -> dict[str, dict[str, float]]:
   from pixel_llm.models import prompt_extractor as prompt_extractor_lib
   net = build.build_network(config.model)
   s = config.model.image_size
-  shape = _shapes(config)
+  shape = _shapes(config, net)
   r, c, t = shape["R"], shape["C"], shape["T"]
   sam, eva = net.sam_image_encoder, net.eva02
   grid = max((s // m.patch_size) for m in (sam, eva) if m is not None)
@@ -387,7 +383,8 @@ def main(argv):
   if _JSON.value:
     print(json.dumps(result))
     return
-  shape = _shapes(config)
+  from pixel_llm.models import build
+  shape = _shapes(config, build.build_network(config.model))
   print(f"PixelLLM FLOPs per training example ({config.get('name', 'config')}; image "
         f"{config.model.image_size} px, R={shape['R']} prompts, C={shape['C']}, T={shape['T']})")
   print(f"  {'component':<20} {'forward GFLOPs':>15} {'multiplier':>11} {'training GFLOPs':>16}")
