@@ -530,3 +530,18 @@ def test_place_binding_scores_objects_by_their_cells_and_tallies_the_top_one(tmp
   plain = _workdir(tmp_path / "plain", config, seed=0)
   with pytest.raises(SystemExit, match="place head"):
     place.main([f"--checkpoint={plain}", f"--predictions={predictions}"])
+
+
+def test_mask_resolution_ceiling_pools_to_the_decoder_grid():
+  ceiling = _benchmark("mask_resolution_ceiling")
+  gt = np.zeros((2, 32, 32), bool)
+  gt[0, 8:24, 4:20] = True  # on the 4-px grid
+  gt[1, 9:11, 9:11] = True  # 2 x 2 px: a quarter of one 4-px cell
+  up = ceiling.pooled_masks(gt, 4)
+  # Edges on the grid are drawn exactly; bilinear logits round each corner pixel off (there one
+  # inside cell weighs 0.625^2 against three outside ones).
+  np.testing.assert_array_equal(np.argwhere(up[0] != gt[0]), [[8, 4], [8, 19], [23, 4], [23, 19]])
+  assert not up[1].any()  # below half a cell: gone
+  np.testing.assert_array_equal(ceiling.pooled_masks(gt, 1), gt)  # 1 px per cell: exact
+  with pytest.raises(ValueError, match="does not divide"):
+    ceiling.pooled_masks(gt, 5)
