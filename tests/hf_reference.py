@@ -29,3 +29,25 @@ def t5_v11(c, seed: int = 0):
   assert model.encoder.embed_tokens.weight is model.shared.weight
   assert model.decoder.embed_tokens.weight is model.shared.weight
   return model
+
+
+def sam(seed: int = 0, **config):
+  """A random HF SamModel of `config` (SamConfig's sub-configs) with every tensor non-trivial: HF
+  initialises some with std 1e-10, which would let a wrong mapping pass."""
+  torch.manual_seed(seed)
+  model = transformers.SamModel(transformers.SamConfig(**config)).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.3))
+  return model
+
+
+def saved_safetensors(model, folder) -> tuple[dict, str]:
+  """(state dict, path) of `model` written to folder/model.safetensors."""
+  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  # Clones: tied tensors (SAM's shared Gaussian matrix) are one storage under two names, which
+  # save_file refuses.
+  state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+  path = str(folder / "model.safetensors")
+  save_file(state, path)
+  return state, path

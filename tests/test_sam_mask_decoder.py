@@ -79,8 +79,12 @@ def test_every_parameter_has_logical_axes():
 # ----------------------------------------------------------------------------------------------
 # Parity with transformers' SamMaskDecoder through the real `load()`.
 # ----------------------------------------------------------------------------------------------
-def _tiny_hf_sam(torch, transformers):
-  config = transformers.SamConfig(
+@pytest.fixture(scope="module")
+def hf_sam(tmp_path_factory):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import hf_reference  # pylint: disable=import-outside-toplevel  (tests/hf_reference.py)
+  model = hf_reference.sam(
       vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          global_attn_indexes=[0], window_size=2, image_size=64,
                          output_channels=D, mlp_dim=32, num_pos_feats=D // 2),
@@ -88,24 +92,7 @@ def _tiny_hf_sam(torch, transformers):
       # segment-anything's eps in the two-way blocks (HF's default is 1e-6; see the module doc).
       mask_decoder_config=dict(hidden_size=D, mlp_dim=64, num_attention_heads=2,
                                iou_head_hidden_dim=24, layer_norm_eps=1e-5))
-  torch.manual_seed(0)
-  model = transformers.SamModel(config).eval()
-  with torch.no_grad():  # HF initialises with std 1e-10: make every tensor non-trivial
-    for p in model.parameters():
-      p.add_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.3))
-  return model
-
-
-@pytest.fixture(scope="module")
-def hf_sam(tmp_path_factory):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
-  model = _tiny_hf_sam(torch, transformers)
-  # Clones: tied tensors share storage under two names, which save_file refuses.
-  state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-  path = str(tmp_path_factory.mktemp("hf_sam") / "model.safetensors")
-  save_file(state, path)
+  state, path = hf_reference.saved_safetensors(model, tmp_path_factory.mktemp("hf_sam"))
   return torch, model, state, path
 
 

@@ -97,28 +97,15 @@ def test_eva02_manifest_maps_onto_full_size(name, variant):
 # ----------------------------------------------------------------------------------------------
 # SAM: HF SamModel (safetensors) parity, segment-anything .pth layout.
 # ----------------------------------------------------------------------------------------------
-def _tiny_hf_sam(torch, transformers):
-  config = transformers.SamConfig(vision_config=dict(
-      hidden_size=32, num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=[1],
-      window_size=2, image_size=64, output_channels=16, mlp_dim=128))
-  torch.manual_seed(0)
-  model = transformers.SamModel(config).eval()
-  with torch.no_grad():  # HF initialises with std 1e-10: make every tensor non-trivial
-    for p in model.parameters():
-      p.add_(torch.randn_like(p) * (0.1 if p.dim() == 1 else 0.3))
-  return model
-
-
 @pytest.fixture(scope="module")
 def hf_sam(tmp_path_factory):
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
-  model = _tiny_hf_sam(torch, transformers)
-  # Clones: the tied Gaussian matrix is one storage under two names, which save_file refuses.
-  state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-  path = str(tmp_path_factory.mktemp("hf_sam") / "model.safetensors")
-  save_file(state, path)
+  pytest.importorskip("transformers")
+  import hf_reference  # pylint: disable=import-outside-toplevel  (tests/hf_reference.py)
+  model = hf_reference.sam(vision_config=dict(
+      hidden_size=32, num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=[1],
+      window_size=2, image_size=64, output_channels=16, mlp_dim=128))
+  state, path = hf_reference.saved_safetensors(model, tmp_path_factory.mktemp("hf_sam"))
   return torch, model, state, path
 
 
