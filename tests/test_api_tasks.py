@@ -22,6 +22,7 @@ from pixel_llm import visualize
 from pixel_llm.data import vocab as vocab_lib
 from pixel_llm.model import PixelLLMModel
 from pixel_llm.models import build
+from random_weights import random_params  # tests/random_weights.py
 from tiny_train_config import shallow  # tests/tiny_train_config.py
 
 SENTENCES = ["a red ball on the grass", "a blue square next to a green circle",
@@ -38,26 +39,13 @@ def _shrink(config):
   return config
 
 
-def _random_params(shapes, seed: int):
-  """Weights (numpy) large enough that the untrained model writes varied tokens and boxes."""
-  rng = np.random.RandomState(seed)
-
-  def fill(path, s):
-    if len(s.shape) >= 2:
-      return rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape).astype(np.float32)
-    if jax.tree_util.keystr(path).endswith(("scale']", "weight']")):
-      return (1 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
-    return (0.02 * rng.normal(size=s.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def _workdir(base, config, seed: int) -> str:
   """WORKDIR/config.json + spiece.model + checkpoints/3/ as the trainer writes them."""
   base.mkdir()
   vocab_lib.train_spm(SENTENCES * 3, str(base / "spiece"), vocab_size=60)
   with open(base / "config.json", "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  params = _random_params(nn.meta.unbox(build.abstract_params(config)), seed)
+  params = random_params(nn.meta.unbox(build.abstract_params(config)), seed)
   manager = ocp.CheckpointManager(str(base / "checkpoints"),
                                   options=ocp.CheckpointManagerOptions(create=True))
   manager.save(3, args=ocp.args.StandardSave({"params": params, "step": np.asarray(3)}))

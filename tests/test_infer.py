@@ -18,6 +18,7 @@ from pixel_llm import workdir as layout
 from pixel_llm.data import vocab as vocab_lib
 from pixel_llm.models import build
 from pixel_llm.models import checkpoint_io
+from random_weights import random_params  # tests/random_weights.py
 
 SENTENCES = ["a red ball on the grass", "a blue square next to a green circle",
              "the small red ball is left of the big blue box", "describe the image in detail"]
@@ -37,19 +38,6 @@ def _config(root: str):
   return config
 
 
-def _random_params(shapes, seed: int = 0):
-  """Random weights (numpy) large enough that the untrained model writes varied tokens."""
-  rng = np.random.RandomState(seed)
-
-  def fill(path, s):
-    if len(s.shape) >= 2:
-      return rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape).astype(np.float32)
-    if jax.tree_util.keystr(path).endswith(("scale']", "weight']")):
-      return (1 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
-    return (0.02 * rng.normal(size=s.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """WORKDIR/config.json + checkpoints/7/ as the trainer writes them; the vocabulary lives where
@@ -63,7 +51,7 @@ def workdir(tmp_path_factory):
   work.mkdir()
   with open(work / "config.json", "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  params = _random_params(nn.meta.unbox(build.abstract_params(config)))
+  params = random_params(nn.meta.unbox(build.abstract_params(config)))
   state = {"params": params, "opt_state": {"mu": np.ones(3, np.float32)},
            "step": np.asarray(7, np.int32)}
   manager = ocp.CheckpointManager(str(work / "checkpoints"),
@@ -97,7 +85,7 @@ def _assert_inside(result, w, h):
 
 
 def test_load_restores_the_trainers_params(workdir, model):
-  stored = _random_params(nn.meta.unbox(build.abstract_params(model.config)))
+  stored = random_params(nn.meta.unbox(build.abstract_params(model.config)))
   got = jax.tree.leaves(model.params)
   assert len(got) == len(jax.tree.leaves(stored))
   for a, b in zip(got, jax.tree.leaves(stored)):
