@@ -166,6 +166,52 @@ def test_place_head_is_counted_where_the_loss_reads_it():
   assert flops.forward_flops(on) == flops.forward_flops(plain)
 
 
+def test_mask_decoder_and_adapter_are_counted_exactly():
+  # The seg toy's mask path (`predict_masks`): R box prompts on SAM's 8x8 neck map, the adapter
+  # reading the visual tokens and T5's decoder states. Every counted FLOP is a dot except the two
+  # transposed convs (8x8 -> 16x16 at 64 -> 16 channels, 16x16 -> 32x32 at 16 -> 8, one kernel tap
+  # per output pixel), and every dot is counted.
+  from configs import refcoco_seg
+  config = refcoco_seg.get_config("toy")
+  net = build.build_network(config.model)
+  batch = build.example_batch(config, 1)
+  params = nn.meta.unbox(jax.eval_shape(build.build_model(config).init_variables,
+                                        jax.random.key(0), batch)["params"])
+  r, t = batch["decoder_input_tokens"].shape[1:]
+  method = lambda name: lambda p, *a, **kw: net.apply({"params": p}, *a,
+                                                      method=getattr(net, name), **kw)
+  _, sam = jax.eval_shape(lambda p, x: method("encode_image")(p, x, return_sam=True), params,
+                          batch["image"])
+  visual = jax.eval_shape(lambda p, f, b, x: method("encode_prompts")(p, f, boxes=b,
+                                                                      prompt_text=x),
+                          params, jax.eval_shape(method("encode_image"), params, batch["image"]),
+                          batch["prompt_boxes"], batch["prompt_text"])
+  q, dq = visual.shape[2:]
+  adapter_inputs = (jax.ShapeDtypeStruct((r, q, dq), visual.dtype),
+                    jax.ShapeDtypeStruct((r, t, net.t5.config.d_model), visual.dtype),
+                    jax.ShapeDtypeStruct((r, t), bool))
+  program = jax.jit(method("predict_masks")).lower(params, sam, batch["prompt_boxes"],
+                                                   adapter_inputs)
+  f = flops.forward_breakdown(config)
+  box, dense_pe = flops._prompt_encoder(net.prompt_encoder, 8)
+  analytic = (f["mask_decoder"]["weights"] + f["mask_decoder"]["attention"]
+              + sum(f["mask_adapter"].values()) + r * box["weights"] + dense_pe["weights"])
+  convs = 2 * (16 * 16) * 64 * 16 + 2 * (32 * 32) * 16 * 8
+  assert _dot_flops(program) + r * convs == analytic
+  # XLA also counts the elementwise work, here a larger share than elsewhere (0.85 measured):
+  # at width 64 the upscaled maps' norms and GELUs weigh more against the narrow matmuls.
+  assert 0.8 < analytic / program.cost_analysis()["flops"] <= 1.0
+  # Only the adapter and the location head train in the release's refseg stage: the decoder
+  # passes gradients to the adapter (2x its weights, 3x its activation products), no more.
+  config.frozen_params = (r"^(?!mask_adapter/|location_head/)",)
+  c = flops.train_flops(config)["components"]
+  dec = f["mask_decoder"]
+  assert c["mask_decoder"]["gradients"] and not c["mask_decoder"]["trains"]
+  assert c["mask_decoder"]["train"] == pytest.approx(2 * dec["weights"] + 3 * dec["attention"])
+  assert c["mask_adapter"]["multiplier"] == pytest.approx(3.0)
+  assert flops.not_counted(config) == []
+
+
 def test_hand_computed_sam_blocks_with_window_padding():
   # 160 px: a 10x10 grid; block 0 windowed (4x4 windows: the grid pads to 12x12 = 9 windows of
   # 16 tokens), block 1 global; tables stored for this grid, so nothing is resampled.

@@ -18,8 +18,9 @@ Per example: the image towers (SAM, EVA02) run once per image, everything after 
 prompt (R prompts share one image encoding). Terms that do not depend on the batch (resampled
 position tables, the prompt encoder's dense positional encoding and its projection in the
 extractor) are counted once per example, which is exact at batch size 1 and an overcount of at
-most those (small) terms above it. The mask decoder, mask adapter, proposal and RoI heads are not
-counted (`not_counted` names them when the config enables them).
+most those (small) terms above it. Segmentation's SAM mask decoder and mask adapter are counted
+per prompt (the decoder's low-res logits; their upsampling to the image belongs to the loss); the
+proposal and RoI heads are not counted (`not_counted` names them when the config enables them).
 
 Training multipliers (per component, decided from `config.frozen_params` matched against the
 parameter paths and the data-flow graph `UPSTREAM`, not per config):
@@ -57,6 +58,9 @@ def _define_flags():
 
 COMPONENTS = ("sam_image_encoder", "eva02", "prompt_encoder", "prompt_extractor",
               "visual_projection", "t5_encoder", "t5_decoder", "location_head")
+# Task heads, in the breakdown only where the config enables them (segmentation's SAM mask
+# decoder and its adapter).
+HEADS = ("mask_adapter", "mask_decoder")
 # Direct data-flow parents ("t5_embedding" is T5's shared token embedding: a gather, 0 FLOPs).
 UPSTREAM = {
     "sam_image_encoder": (), "eva02": (), "prompt_encoder": (), "t5_embedding": (),
@@ -65,6 +69,10 @@ UPSTREAM = {
     "t5_encoder": ("visual_projection", "t5_embedding"),
     "t5_decoder": ("t5_encoder", "t5_embedding"),
     "location_head": ("t5_decoder",),
+    # The adapter reads the visual tokens and T5's decoder states; the mask decoder SAM's neck
+    # output and the (adapted) box tokens. The box itself comes without gradient.
+    "mask_adapter": ("visual_projection", "t5_decoder", "prompt_encoder"),
+    "mask_decoder": ("sam_image_encoder", "prompt_encoder", "mask_adapter"),
 }
 # Buckets of forward FLOPs: matmuls with a parameter (or constant) operand, LoRA branches, and
 # matmuls of two activations (attention scores and values).
@@ -163,6 +171,54 @@ def _add(a: dict[str, float], b: dict[str, float], times: float = 1.0) -> None:
     a[k] += times * b[k]
 
 
+def _two_way(st: int, l: int, d: int, inner: int, mlp: int, depth: int) -> dict[str, float]:
+  """SAM's two-way transformer: S tokens and L image tokens, `depth` blocks and the final
+  token -> image attention (the prompt extractor's and the mask decoder's)."""
+  f = _zero()
+  for _ in range(depth):
+    _add(f, _attn_layer(st, st, d, d))  # token self-attention
+    _add(f, _attn_layer(st, l, d, inner))  # token -> image
+    f["weights"] += _mm(st, d, mlp) + _mm(st, mlp, d)
+    _add(f, _attn_layer(l, st, d, inner))  # image -> token
+  _add(f, _attn_layer(st, l, d, inner))  # final token -> image
+  return f
+
+
+def _mlp(dims: list[int], tokens: int = 1) -> float:
+  """A stack of dense layers dims[0] -> dims[1] -> ... on `tokens` tokens."""
+  return sum(_mm(tokens, a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+
+def _mask_adapter(adapter, q: int, dq: int, t: int, dt: int) -> dict[str, float]:
+  """Per prompt: the S box tokens attend to the Q visual tokens (width Dq) and the T decoder
+  states (width Dt), each projected to the adapter's width D; MLP; the update projection."""
+  f, d, keys = _zero(), adapter.width, q + t
+  f["weights"] += _mm(q, dq, d) + _mm(t, dt, d)
+  for _ in range(adapter.depth):
+    _add(f, _attn_layer(BOX_TOKENS, keys, d, d))
+    f["weights"] += _mlp([d, adapter.mlp_dim, d], BOX_TOKENS)
+  f["weights"] += _mm(BOX_TOKENS, d, d)
+  return f
+
+
+def _mask_decoder(dec, grid: tuple[int, int]) -> dict[str, float]:
+  """Per prompt: SAM's mask decoder on the h x w neck map: the IoU token, M mask tokens and the
+  box tokens through the two-way transformer; two 2x2 stride-2 transposed convs (one kernel tap
+  per output pixel) to 4h x 4w at D/8; a hypernetwork MLP per mask token (D -> D -> D -> D/8)
+  dotted with the upscaled map; the IoU head. All M masks are computed (the single-mask output
+  slices the first)."""
+  d, (h, w) = dec.transformer_dim, grid
+  m, l = dec.num_multimask_outputs + 1, h * w
+  f = _two_way(1 + m + BOX_TOKENS, l, d, d // dec.attention_downsample_rate,
+               dec.transformer_mlp_dim, dec.transformer_depth)
+  f["weights"] += _mm(4 * l, d, d // 4) + _mm(16 * l, d // 4, d // 8)  # output upscaling
+  f["weights"] += m * _mlp([d, d, d, d // 8])  # hypernetworks
+  f["attention"] += _mm(m, d // 8, 16 * l)  # masks = hypernetwork outputs . upscaled map
+  hid = dec.iou_head_hidden_dim
+  f["weights"] += _mlp([d] + [hid] * (dec.iou_head_depth - 1) + [m])
+  return f
+
+
 def _prompt_extractor(ext, grid: int, in_dim: int, text_len: int, text_dim: int,
                       place_head: bool) -> tuple[dict[str, float], dict[str, float]]:
   """Two-way transformer of Q learnt + S prompt tokens (+ C words when text-conditioned) against
@@ -177,12 +233,7 @@ def _prompt_extractor(ext, grid: int, in_dim: int, text_len: int, text_dim: int,
   if e != d:
     per_prompt["weights"] += _mm(l, e, d) + _mm(BOX_TOKENS, e, d)  # dense, sparse prompt
     once["weights"] += _mm(l, e, d)  # image PE, shared by all prompts
-  for _ in range(ext.depth):
-    _add(per_prompt, _attn_layer(st, st, d, d))  # token self-attention
-    _add(per_prompt, _attn_layer(st, l, d, inner))  # token -> image
-    per_prompt["weights"] += _mm(st, d, ext.mlp_dim) + _mm(st, ext.mlp_dim, d)
-    _add(per_prompt, _attn_layer(l, st, d, inner))  # image -> token
-  _add(per_prompt, _attn_layer(st, l, d, inner))  # final token -> image
+  _add(per_prompt, _two_way(st, l, d, inner, ext.mlp_dim, ext.depth))
   per_prompt["weights"] += _mm(q, d, ext.output_dim)  # one head per output token
   if ext.dense_output_tokens:
     per_prompt["weights"] += _mm(l, d, ext.output_dim)  # dense_output_mlp on the image tokens
@@ -229,8 +280,7 @@ def _t5_decoder(cfg, t: int, l: int) -> dict[str, float]:
 
 def _location_head(head, d: int, t: int) -> dict[str, float]:
   f = _zero()
-  dims = [d] + [head.hidden_dim] * (head.depth - 1) + [2 * head.num_points]
-  f["weights"] = sum(_mm(t, a, b) for a, b in zip(dims[:-1], dims[1:]))
+  f["weights"] = _mlp([d] + [head.hidden_dim] * (head.depth - 1) + [2 * head.num_points], t)
   return f
 
 
@@ -276,6 +326,17 @@ def forward_breakdown(config) -> dict[str, dict[str, float]]:
   _add(out["t5_encoder"], _t5_encoder(cfg, q + c), r)
   _add(out["t5_decoder"], _t5_decoder(cfg, t, q + c), r)
   _add(out["location_head"], _location_head(net.location_head, cfg.d_model, t), r)
+  if net.mask_decoder is not None:  # `predict_masks`: R boxes on SAM's neck map
+    hs = s // sam.patch_size
+    box, dense_pe = _prompt_encoder(net.prompt_encoder, hs)
+    _add(out["prompt_encoder"], box, r)
+    _add(out["prompt_encoder"], dense_pe)
+    out["mask_decoder"] = _zero()
+    _add(out["mask_decoder"], _mask_decoder(net.mask_decoder, (hs, hs)), r)
+    if net.mask_adapter is not None:
+      out["mask_adapter"] = _zero()
+      _add(out["mask_adapter"], _mask_adapter(net.mask_adapter, q, net.visual_projection.features,
+                                              t, cfg.d_model), r)
   return out
 
 
@@ -288,8 +349,7 @@ def forward_flops(config) -> dict[str, float]:
 def not_counted(config) -> list[str]:
   """Enabled parts of the network this counter leaves out."""
   m = config.model
-  return [k for k in ("mask_decoder", "mask_adapter", "proposal_head", "roi_head")
-          if (m.get(k) or {}).get("enabled", False)]
+  return [k for k in ("proposal_head", "roi_head") if (m.get(k) or {}).get("enabled", False)]
 
 
 # ---------------------------------------------------------------------------------------------
