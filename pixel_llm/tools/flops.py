@@ -18,9 +18,11 @@ Per example: the image towers (SAM, EVA02) run once per image, everything after 
 prompt (R prompts share one image encoding). Terms that do not depend on the batch (resampled
 position tables, the prompt encoder's dense positional encoding and its projection in the
 extractor) are counted once per example, which is exact at batch size 1 and an overcount of at
-most those (small) terms above it. Segmentation's SAM mask decoder and mask adapter are counted
-per prompt (the decoder's low-res logits; their upsampling to the image belongs to the loss); the
-proposal and RoI heads are not counted (`not_counted` names them when the config enables them).
+most those (small) terms above it. The task heads count where the config enables them:
+segmentation's SAM mask decoder and mask adapter per prompt (the decoder's low-res logits; their
+upsampling to the image belongs to the loss), dense captioning's proposal head per image and its
+RoI head per image on the training samples (RoIAlign is a gather; NMS and box decoding are
+elementwise).
 
 Training multipliers (per component, decided from `config.frozen_params` matched against the
 parameter paths and the data-flow graph `UPSTREAM`, not per config):
@@ -58,9 +60,9 @@ def _define_flags():
 
 COMPONENTS = ("sam_image_encoder", "eva02", "prompt_encoder", "prompt_extractor",
               "visual_projection", "t5_encoder", "t5_decoder", "location_head")
-# Task heads, in the breakdown only where the config enables them (segmentation's SAM mask
-# decoder and its adapter).
-HEADS = ("mask_adapter", "mask_decoder")
+# Task heads, in the breakdown only where the config enables them: segmentation's SAM mask
+# decoder and its adapter, dense captioning's proposal and RoI heads.
+HEADS = ("mask_adapter", "mask_decoder", "proposal_head", "roi_head")
 # Direct data-flow parents ("t5_embedding" is T5's shared token embedding: a gather, 0 FLOPs).
 UPSTREAM = {
     "sam_image_encoder": (), "eva02": (), "prompt_encoder": (), "t5_embedding": (),
@@ -73,6 +75,10 @@ UPSTREAM = {
     # output and the (adapted) box tokens. The box itself comes without gradient.
     "mask_adapter": ("visual_projection", "t5_decoder", "prompt_encoder"),
     "mask_decoder": ("sam_image_encoder", "prompt_encoder", "mask_adapter"),
+    # Proposals read the fused image features; the RoI head pools the proposal pyramid (its
+    # boxes come without gradient).
+    "proposal_head": ("sam_image_encoder", "eva02"),
+    "roi_head": ("proposal_head",),
 }
 # Buckets of forward FLOPs: matmuls with a parameter (or constant) operand, LoRA branches, and
 # matmuls of two activations (attention scores and values).
@@ -242,6 +248,32 @@ def _prompt_extractor(ext, grid: int, in_dim: int, text_len: int, text_dim: int,
   return per_prompt, once
 
 
+def _proposal_head(head, grid: int, in_dim: int) -> dict[str, float]:
+  """Per image, on the G x G fused map of width D_in: the simple feature pyramid (stride 8: a 2x2
+  stride-2 transposed conv to D_in / 2, one kernel tap per output pixel; stride 16: identity;
+  stride 32: max-pool), each of those levels' 1x1 lateral and 3x3 output convs to the head's
+  width W; then on every level (the top ones subsampled) the CenterNet tower's 3x3 W -> W convs
+  and its 3x3 heatmap (1) and box (4) convs. 3x3 convs count the taps inside the map (`_taps`)."""
+  from pixel_llm.models import proposal_head as proposal_head_lib
+  f, w = _zero(), head.width
+  deconv = head.deconv_dim or in_dim // 2
+  shapes = proposal_head_lib.pyramid_shapes(grid, grid, head.num_top_levels)
+  f["weights"] += _mm(4 * grid * grid, in_dim, deconv)
+  for (h, wd), c in zip(shapes[:3], (deconv, in_dim, in_dim)):
+    f["weights"] += _mm(h * wd, c, w) + _mm(_taps(h, 3) * _taps(wd, 3), w, w)
+  for h, wd in shapes:
+    f["weights"] += _mm(_taps(h, 3) * _taps(wd, 3), w, head.num_convs * w + 1 + 4)
+  return f
+
+
+def _roi_head(roi, width: int) -> dict[str, float]:
+  """Per image in training: the `samples_per_image` sampled RoIs, each pooled to P x P x W (a
+  gather), through the fully connected layers and the fg / bg (2) and box-delta (4) outputs."""
+  f, p = _zero(), roi.output_size
+  f["weights"] = _mlp([p * p * width] + [roi.fc_dim] * roi.num_fc + [2 + 4], roi.samples_per_image)
+  return f
+
+
 def _t5_attention(cfg, stack: str, kind: str, tq: int, tk: int) -> dict[str, float]:
   """T5 attention: q/o on the Tq queries, k/v on the Tk keys; LoRA on its configured projections."""
   d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
@@ -337,6 +369,10 @@ def forward_breakdown(config) -> dict[str, dict[str, float]]:
       out["mask_adapter"] = _zero()
       _add(out["mask_adapter"], _mask_adapter(net.mask_adapter, q, net.visual_projection.features,
                                               t, cfg.d_model), r)
+  if net.proposal_head is not None:
+    out["proposal_head"] = _proposal_head(net.proposal_head, grid, in_dim)
+    if net.roi_head is not None:
+      out["roi_head"] = _roi_head(net.roi_head, net.proposal_head.width)
   return out
 
 
@@ -344,12 +380,6 @@ def forward_flops(config) -> dict[str, float]:
   """{component: forward FLOPs of one example} (matmuls, convs and attention; see the module
   docstring for what is and is not counted). Components absent from the config count 0."""
   return {k: sum(v.values()) for k, v in forward_breakdown(config).items()}
-
-
-def not_counted(config) -> list[str]:
-  """Enabled parts of the network this counter leaves out."""
-  m = config.model
-  return [k for k in ("proposal_head", "roi_head") if (m.get(k) or {}).get("enabled", False)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +446,7 @@ def train_flops(config, *, breakdown: dict | None = None,
   """Training FLOPs of one example (forward + backward), per component and in total.
 
   Returns {"components": {name: {"forward", "multiplier", "train", "trains", "gradients"}},
-  "forward": total forward FLOPs, "train": total training FLOPs, "not_counted": [...]}.
+  "forward": total forward FLOPs, "train": total training FLOPs}.
   `breakdown` / `trainable` default to `forward_breakdown(config)` / `trainable_summary(config)`.
   """
   breakdown = breakdown if breakdown is not None else forward_breakdown(config)
@@ -433,7 +463,7 @@ def train_flops(config, *, breakdown: dict | None = None,
     comps[name] = {"forward": fwd, "multiplier": total / fwd if fwd else 0.0, "train": total,
                    "trains": bool(own["any"]), "gradients": grads[name]}
   return {"components": comps, "forward": sum(c["forward"] for c in comps.values()),
-          "train": sum(c["train"] for c in comps.values()), "not_counted": not_counted(config)}
+          "train": sum(c["train"] for c in comps.values())}
 
 
 def main(argv):
@@ -455,8 +485,6 @@ def main(argv):
         f"{result['train'] / max(result['forward'], 1.0):>10.3f}x {result['train'] / 1e9:>16.4f}")
   print(f"Training: {result['train'] / 1e12:.4g} TFLOPs per example "
         f"(forward {result['forward'] / 1e12:.4g} TFLOPs).")
-  if result["not_counted"]:
-    print(f"Not counted (enabled in the config): {', '.join(result['not_counted'])}.")
 
 
 if __name__ == "__main__":
