@@ -60,10 +60,8 @@ def _define_flags():
 
 COMPONENTS = ("sam_image_encoder", "eva02", "prompt_encoder", "prompt_extractor",
               "visual_projection", "t5_encoder", "t5_decoder", "location_head")
-# Task heads, in the breakdown only where the config enables them: segmentation's SAM mask
-# decoder and its adapter, dense captioning's proposal and RoI heads.
-HEADS = ("mask_adapter", "mask_decoder", "proposal_head", "roi_head")
 # Direct data-flow parents ("t5_embedding" is T5's shared token embedding: a gather, 0 FLOPs).
+# The task heads below are in a breakdown only where the config enables them.
 UPSTREAM = {
     "sam_image_encoder": (), "eva02": (), "prompt_encoder": (), "t5_embedding": (),
     "prompt_extractor": ("sam_image_encoder", "eva02", "prompt_encoder"),
