@@ -36,20 +36,26 @@ def _toy(image_size: int = 160, frozen=()):
   return config
 
 
-def _dot_flops(lowered) -> int:
-  """2 x output size x contracted size of every `dot` in the lowered HLO: XLA's matmul FLOPs
-  without its elementwise ones (convolutions are not dots)."""
-  shapes, total = {}, 0
+def _hlo_ops(lowered, op: str):
+  """(output shape, operand names, HLO line, {name: shape} so far) of every `op` instruction in
+  the lowered (unoptimised) HLO."""
+  shapes = {}
   for line in lowered.compiler_ir("hlo").as_hlo_text().splitlines():
     m = re.match(r"\s*(?:ROOT )?([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\((.*)", line)
     if not m:
       continue
     shapes[m[1]] = [int(x) for x in m[2].split(",") if x]
-    if m[3] == "dot":
-      lhs = m[4].split(",")[0].strip().rstrip(")")
-      dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)[1]
-      total += 2 * math.prod(shapes[m[1]]) * math.prod(
-          shapes[lhs][int(i)] for i in dims.split(",") if i)
+    if m[3] == op:
+      yield shapes[m[1]], [x.strip() for x in m[4].split(")")[0].split(",")], line, shapes
+
+
+def _dot_flops(lowered) -> int:
+  """2 x output size x contracted size of every `dot` in the lowered HLO: XLA's matmul FLOPs
+  without its elementwise ones (convolutions are not dots)."""
+  total = 0
+  for out, (lhs, _), line, shapes in _hlo_ops(lowered, "dot"):
+    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)[1]
+    total += 2 * math.prod(out) * math.prod(shapes[lhs][int(i)] for i in dims.split(",") if i)
   return total
 
 
@@ -57,28 +63,21 @@ def _conv_flops(lowered) -> int:
   """2 x batch x output features x input features x the kernel taps that land on real input
   (not on padding, nor on the holes of a transposed conv's dilated input) of every convolution
   in the lowered HLO (`dim_labels=b01f_01io->b01f`, as flax's NHWC convs lower)."""
-  shapes, total = {}, 0
-  for line in lowered.compiler_ir("hlo").as_hlo_text().splitlines():
-    m = re.match(r"\s*(?:ROOT )?([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\((.*)", line)
-    if not m:
-      continue
-    shapes[m[1]] = [int(x) for x in m[2].split(",") if x]
-    if m[3] != "convolution":
-      continue
+  total = 0
+  for out, (lhs, rhs), line, shapes in _hlo_ops(lowered, "convolution"):
     assert "dim_labels=b01f_01io->b01f" in line and "feature_group" not in line, line
-    lhs, rhs = (x.strip() for x in m[4].split(")")[0].split(","))
     window = dict(re.findall(r"(\w+)=([\dx_]+)", re.search(r"window=\{([^}]*)\}", line)[1]))
     dims = len(shapes[rhs]) - 2
-    per_dim = lambda key, default: [x for x in window.get(key, "x".join([default] * dims)).split("x")]
+    per_dim = lambda key, default: window.get(key, "x".join([default] * dims)).split("x")
     taps = 1
     for i, (k, st, pad, ld, rd) in enumerate(zip(
         per_dim("size", "1"), per_dim("stride", "1"), per_dim("pad", "0_0"),
         per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1"))):
       k, st, ld, rd, lo = int(k), int(st), int(ld), int(rd), int(pad.split("_")[0])
-      n, out = shapes[lhs][1 + i], shapes[m[1]][1 + i]
-      taps *= sum(1 for o in range(out) for j in range(k)
+      n = shapes[lhs][1 + i]
+      taps *= sum(1 for o in range(out[1 + i]) for j in range(k)
                   if 0 <= o * st + j * rd - lo <= (n - 1) * ld and (o * st + j * rd - lo) % ld == 0)
-    total += 2 * shapes[m[1]][0] * shapes[m[1]][-1] * shapes[rhs][-2] * taps
+    total += 2 * out[0] * out[-1] * shapes[rhs][-2] * taps
   return total
 
 
