@@ -243,8 +243,9 @@ def test_t5_cached_logits_equal_teacher_forced():
       cache = state["cache"]
     return jnp.concatenate(out, 1), cache
 
-  # float32 sums in another order (one query vs. twenty; the CPU's matmul kernels differ between
-  # machines): 0.9e-5 / 1.9e-5 off on logits up to 3.5 on a Xeon where 1e-5 had passed elsewhere.
+  # float32 sums in another order (one or ten queries per step vs. all twenty; CPU matmul
+  # kernels differ between machines): 0.9e-5 / 1.9e-5 off on logits up to 3.5 on a Xeon where
+  # 1e-5 had passed elsewhere.
   # A position off by one moves them far more (asserted below).
   tol = dict(atol=1e-4, rtol=1e-5)
   shifted, _ = jax.jit(model.apply)({"params": params}, enc,
