@@ -90,22 +90,6 @@ def resample_pos_embed(posemb: jax.Array, new_grid: tuple[int, int], old_grid: t
   return jnp.concatenate([prefix, grid], axis=1)
 
 
-class PatchEmbed(nn.Module):
-  """Non-overlapping patch conv; pixels past the last full patch are dropped (VALID padding)."""
-
-  width: int
-  patch_size: int = 14
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, image: jax.Array) -> jax.Array:
-    """image: float32[B, H*ps, W*ps, 3] -> [B, H, W, D]."""
-    p = self.patch_size
-    return layers.conv(self.width, (p, p), strides=(p, p), dtype=self.dtype,
-                       param_dtype=self.param_dtype, kernel_init=_init, name="proj")(image)
-
-
 class Attention(nn.Module):
   """EVA attention: separate q/k/v projections, q and v biases only, RoPE on patch tokens."""
 
@@ -239,7 +223,8 @@ class Eva02(nn.Module):
     mlp_dim = self.mlp_dim or int(d * (4 * 2 / 3))
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-    x = PatchEmbed(d, self.patch_size, name="patch_embed", **kw)(image.astype(self.dtype))
+    x = layers.PatchEmbed(d, self.patch_size, _init, name="patch_embed", **kw)(
+        image.astype(self.dtype))
     b, h, w, _ = x.shape
     x = x.reshape(b, h * w, d)
 

@@ -126,6 +126,24 @@ def conv(
   )
 
 
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch conv (torch `patch_embed.proj`); pixels past the last full patch are
+  dropped (VALID padding). SAM and EVA02 differ only in the kernel init."""
+
+  width: int
+  patch_size: int
+  kernel_init: Initializer = default_kernel_init
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: jax.Array) -> jax.Array:
+    """image: [B, H*p, W*p, 3] -> [B, H, W, D]."""
+    p = self.patch_size
+    return conv(self.width, (p, p), strides=(p, p), dtype=self.dtype,
+                param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="proj")(image)
+
+
 class LayerNorm2d(nn.Module):
   """SAM's channel LayerNorm on NHWC maps (normalises the channel axis; eps 1e-6)."""
 

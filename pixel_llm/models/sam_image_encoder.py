@@ -42,8 +42,8 @@ import numpy as np
 
 from pixel_llm.models import checkpoint_io, scan
 from pixel_llm.models.layers import (
-    LayerNorm2d, attention, constrain, conv, dense, drop_path, layer_norm, torch_linear_init,
-    with_axes)
+    LayerNorm2d, PatchEmbed, attention, constrain, conv, dense, drop_path, layer_norm,
+    torch_linear_init, with_axes)
 
 Dtype = Any
 
@@ -311,22 +311,6 @@ class Neck(nn.Module):
     return LayerNorm2d(1e-6, self.param_dtype, name="ln2")(x)
 
 
-class PatchEmbed(nn.Module):
-  """Non-overlapping patch projection (torch `patch_embed.proj`)."""
-
-  width: int
-  patch_size: int = 16
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, image: jax.Array) -> jax.Array:
-    """image: [B, H*p, W*p, 3] -> [B, H, W, D]."""
-    p = self.patch_size
-    return conv(self.width, (p, p), strides=(p, p), dtype=self.dtype,
-                param_dtype=self.param_dtype, kernel_init=torch_linear_init, name="proj")(image)
-
-
 class SamImageEncoder(nn.Module):
   """segment-anything `ImageEncoderViT` (defaults: ViT-H; see `VARIANTS` / `Model`).
 
@@ -359,7 +343,8 @@ class SamImageEncoder(nn.Module):
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p = self.patch_size
-    x = PatchEmbed(self.width, p, name="patch_embed", **kw)(image.astype(self.dtype))
+    x = PatchEmbed(self.width, p, torch_linear_init, name="patch_embed", **kw)(
+        image.astype(self.dtype))
     grid = self.pretrain_img_size // p
     pos_init = with_axes(nn.initializers.zeros_init(), (None, "pos", None, "embed"))
     pos = self.param("pos_embed", pos_init, (1, grid, grid, self.width), self.param_dtype)
