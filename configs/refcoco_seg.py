@@ -44,7 +44,19 @@ P@0.5 0.678: cIoU 0.750 where the box is right, 0.215 where it is not
 trains SAM-tiny's untrained mask decoder on the jittered GT box, as SAM was trained: better
 masks of right boxes (0.773), the same cIoU (0.585) in one run. The 4,500-step stage from the
 best referring checkpoint (13,500 steps with --config.loss.giou_weight=2.0, kept in this stage)
-reaches cIoU 0.606, box P@0.5 0.751: the best seg toy.
+reaches cIoU 0.606, box P@0.5 0.751. SAM-tiny's image encoder never learnt masks (the real one
+comes from SA-1B), so letting it train in this stage helps (0.616 -> 0.636 from the same
+checkpoint); from the best referring toy (configs/refcoco.py, box P@0.5 0.806) with the mask
+decoder on the jittered GT box as well it reaches cIoU 0.670, box P@0.5 0.792 (0.801 where the
+box is right), the best seg toy; ~25 min alone, benchmarks/RESULTS.md:
+  python -m pixel_llm.train --config=configs/refcoco_seg.py:toy --config.total_steps=4500 \
+    --config.init_checkpoint=workdirs/refcoco_toy_place13kR/checkpoints/4500/state \
+    "--config.init_patterns=('^(?!sam_image_encoder/neck/|prompt_extractor/image_projection_mlp/)',)" \
+    "--config.frozen_params=('^(?!mask_adapter/|location_head/|mask_decoder/|sam_image_encoder/|prompt_extractor/image_projection_mlp/)',)" \
+    --config.model.prompt_extractor.text_conditioned=True \
+    --config.model.prompt_extractor.place_logits=True --config.loss.giou_weight=2.0 \
+    --config.loss.mask_train_box=target --config.eval_every_steps=1500 \
+    --workdir=workdirs/refseg_toy_best
 Variants as configs/refcoco.py: dataset=<refcoco|refcoco+|refcocog>, toy, t5=..., sam=..., ...
 """
 import ml_collections
