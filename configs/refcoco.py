@@ -64,7 +64,7 @@ ahead of the chain until 10,500; from an LN toy rebuilt on another machine, so n
     --config.init_checkpoint=workdirs/ln_toy_long/checkpoints/4500/state \
     --workdir=workdirs/refcoco_toy_place13k
 and one fresh 4,500-step schedule from that (GIoU kept; ~35 min alone) reaches 0.806, mean IoU
-0.644: the best referring toy (benchmarks/RESULTS.md):
+0.644 (a second such restart: 0.822, the best referring toy; benchmarks/RESULTS.md):
   python -m pixel_llm.train --config=configs/refcoco.py:toy,place --config.total_steps=4500 \
     --config.loss.giou_weight=2.0 --config.eval_every_steps=1500 \
     --config.init_checkpoint=workdirs/refcoco_toy_place13k/checkpoints/13500/state \

@@ -46,7 +46,7 @@ masks of right boxes (0.773), the same cIoU (0.585) in one run. The 4,500-step s
 best referring checkpoint (13,500 steps with --config.loss.giou_weight=2.0, kept in this stage)
 reaches cIoU 0.606, box P@0.5 0.751. SAM-tiny's image encoder never learnt masks (the real one
 comes from SA-1B), so letting it train in this stage helps (0.616 -> 0.636 from the same
-checkpoint); from the best referring toy (configs/refcoco.py, box P@0.5 0.806) with the mask
+checkpoint); from the 0.806 referring checkpoint (configs/refcoco.py, one restart) with the mask
 decoder on the jittered GT box as well it reaches cIoU 0.670, box P@0.5 0.792 (0.801 where the
 box is right), the best seg toy; ~25 min alone, benchmarks/RESULTS.md:
   python -m pixel_llm.train --config=configs/refcoco_seg.py:toy --config.total_steps=4500 \
